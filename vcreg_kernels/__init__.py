@@ -1,0 +1,24 @@
+"""vcreg_kernels: Variance-Covariance Regularization as a fused PyTorch op.
+
+``import vcreg_kernels`` registers ``torch.ops.vcreg.fused`` and ``torch.ops.vcreg.fused_backward``
+and loads the compiled kernels when they are built (the reference backend works without them).
+"""
+from . import _ops  # noqa: F401  (defines the op schemas first)
+from . import _extension
+from .dispatch import BACKENDS, available_backends, get_backend, resolve_backend, set_backend
+from .modules import VCReg, vcreg
+from .reference import vcreg_loss
+
+_extension.load()
+
+__all__ = [
+    "BACKENDS",
+    "VCReg",
+    "available_backends",
+    "get_backend",
+    "resolve_backend",
+    "set_backend",
+    "vcreg",
+    "vcreg_loss",
+]
+__version__ = "0.1.0"
