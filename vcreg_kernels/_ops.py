@@ -6,7 +6,8 @@
 * ``vcreg::fused_backward(grad_y, x, ...) -> grad_x``: a custom op with a fake implementation;
   its real implementation asks ``dispatch`` which backend runs.
 * ``vcreg::backward_kernel(grad_y3, x3, ...) -> (grad_x3, terms)``: the compiled backends' op on
-  canonical (B, d, L) views, with CPU and CUDA kernels registered from csrc/.
+  canonical (B, d, L) views, with CPU and CUDA kernels registered from csrc/; and its two halves
+  ``vcreg::stats_kernel(x3) -> (mu, M2)`` and ``vcreg::apply_kernel(grad_y3, x3, G, mu) -> grad_x3``.
 """
 from __future__ import annotations
 
@@ -26,6 +27,10 @@ _lib.define(
     "backward_kernel(Tensor grad_y, Tensor x, float alpha, float beta, float eps, float gamma, "
     "float? delta) -> (Tensor, Tensor)"
 )
+# The two halves of backward_kernel, for the cross-rank mode that all-reduces the statistics
+# between them: (mu, M2 = Xc^T Xc) of x3, and grad_y3 + (X - mu) @ G.
+_lib.define("stats_kernel(Tensor x) -> (Tensor, Tensor)")
+_lib.define("apply_kernel(Tensor grad_y, Tensor x, Tensor G, Tensor mu) -> Tensor")
 
 
 @torch.library.custom_op("vcreg::fused_backward", mutates_args=())

@@ -93,6 +93,29 @@ def gradient_matrix(
     return G, torch.stack([l_var, l_cov])
 
 
+def _rows(x3: torch.Tensor) -> torch.Tensor:
+    """X (n x d) in the accumulate dtype from a (B, d, L) view."""
+    return x3.to(accumulate_dtype(x3.dtype)).permute(0, 2, 1).reshape(-1, x3.shape[1])
+
+
+def vcreg_stats_reference(x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mu, M2): the column means (d) and centred sums M2 = Xc^T Xc (d x d) of x3: (B, d, L)."""
+    X = _rows(x3)
+    mu = X.mean(0)
+    Xc = X - mu
+    return mu, Xc.T @ Xc
+
+
+def vcreg_apply_reference(
+    gy3: torch.Tensor, x3: torch.Tensor, G: torch.Tensor, mu: torch.Tensor
+) -> torch.Tensor:
+    """grad_y + (X - mu) @ G on (B, d, L) views, in x3's strides and grad_y's dtype."""
+    B, d, L = x3.shape
+    dX = ((_rows(x3) - mu) @ G).view(B, L, d).permute(0, 2, 1)
+    out = torch.empty_strided(x3.shape, x3.stride(), dtype=gy3.dtype, device=x3.device)
+    return out.copy_(gy3.to(dX.dtype) + dX)
+
+
 def vcreg_backward_reference(
     gy3: torch.Tensor,
     x3: torch.Tensor,
@@ -107,14 +130,7 @@ def vcreg_backward_reference(
     Returns (grad_x3 with x3's strides and grad_y's dtype, tensor([l_var, l_cov])).
     Two-pass demean in the accumulate dtype, so large means cost no accuracy.
     """
-    B, d, L = x3.shape
-    acc = accumulate_dtype(x3.dtype)
-    X = x3.to(acc).permute(0, 2, 1).reshape(-1, d)
-    n = X.shape[0]
-    Xc = X - X.mean(0)
-    C = Xc.T @ Xc / (n - 1)
-    G, terms = gradient_matrix(C, n, alpha, beta, eps, gamma, delta)
-    dX = (Xc @ G).view(B, L, d).permute(0, 2, 1)
-    out = torch.empty_strided(x3.shape, x3.stride(), dtype=gy3.dtype, device=x3.device)
-    out.copy_(gy3.to(acc) + dX)
-    return out, terms
+    n = x3.shape[0] * x3.shape[2]
+    mu, m2 = vcreg_stats_reference(x3)
+    G, terms = gradient_matrix(m2 / (n - 1), n, alpha, beta, eps, gamma, delta)
+    return vcreg_apply_reference(gy3, x3, G, mu), terms

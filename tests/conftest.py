@@ -1,0 +1,47 @@
+"""Shared test set-up.
+
+TRITON_INTERPRET=1 is set before anything imports triton when no GPU is present, so the triton
+backend runs on CPU tensors through Triton's interpreter (SPEC section 6). On a GPU machine the
+same tests run the kernels for real on CUDA tensors.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import vcreg_kernels  # noqa: E402
+from vcreg_kernels import dispatch  # noqa: E402
+
+HAS_GPU = torch.cuda.is_available()
+DEVICES = ["cpu"] + (["cuda"] if HAS_GPU else [])
+
+
+def backend_cases():
+    """(backend, device) pairs for every backend that runs on this machine."""
+    return [(b, dev) for dev in DEVICES for b in dispatch.available_backends(dev)]
+
+
+def pytest_configure(config):
+    print(f"vcreg_kernels backends here: { {d: dispatch.available_backends(d) for d in DEVICES} }")
+
+
+@pytest.fixture(params=backend_cases(), ids=lambda p: f"{p[0]}-{p[1]}")
+def backend_device(request):
+    """Runs a test once per (backend, device) available here, with that backend forced."""
+    name, device = request.param
+    previous = dispatch.get_backend()
+    dispatch.set_backend(name)
+    yield name, device
+    dispatch.set_backend(previous)
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    # Fresh random inputs in every test, reproducible per test.
+    torch.manual_seed(abs(hash(request.node.nodeid)) % (2**31))
+
+
+gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA/ROCm GPU")
