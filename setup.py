@@ -25,7 +25,12 @@ if os.environ.get("VCREG_NO_EXTENSION", "0") != "1":
     with_cuda = has_cuda_torch and cuda_sources and (
         os.environ.get("FORCE_CUDA", "0") == "1" or (torch.cuda.is_available() and CUDA_HOME is not None)
     )
-    cxx = ["-O3", "-std=c++17"]
+    cxx = ["-O3", "-std=c++20"]  # torch 2.14's headers use C++20
+    link = []
+    if torch.backends.openmp.is_available():
+        # at::parallel_for is inline header code: without OpenMP here it runs serially.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     define_macros = [("Py_LIMITED_API", "0x03090000")]
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
@@ -37,7 +42,8 @@ if os.environ.get("VCREG_NO_EXTENSION", "0") != "1":
             sources + cuda_sources,
             include_dirs=include_dirs,
             define_macros=define_macros + [("VCREG_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-std=c++20"]},
+            extra_link_args=link,
             py_limited_api=True,
         )
     else:
@@ -46,6 +52,7 @@ if os.environ.get("VCREG_NO_EXTENSION", "0") != "1":
             sources,
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx},
+            extra_link_args=link,
             py_limited_api=True,
         )
     ext_modules.append(ext)

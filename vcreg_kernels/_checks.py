@@ -15,8 +15,14 @@ def check_args(
     gamma: float,
     delta: Optional[float],
     dim: int,
+    *,
+    min_samples: int = 2,
 ) -> int:
-    """Validate the op's arguments; return ``dim`` normalised to ``0 <= dim < x.dim()``."""
+    """Validate the op's arguments; return ``dim`` normalised to ``0 <= dim < x.dim()``.
+
+    ``min_samples=0`` for the cross-rank mode, where only the global n must reach 2 (checked in
+    the backward, identically on every rank: ``distributed.py``).
+    """
     if not x.is_floating_point():
         raise TypeError(f"vcreg: x must be a floating-point tensor, got dtype {x.dtype}")
     d = x.size(dim)  # IndexError for an out-of-range dim, with torch's own message
@@ -25,7 +31,7 @@ def check_args(
     if d == 0:
         raise ValueError(f"vcreg: the feature dimension dim={dim} of x with shape {shape} is empty (d = 0)")
     n = math.prod(shape) // d
-    if n < 2:
+    if n < min_samples:
         raise ValueError(
             f"vcreg: needs at least 2 samples, got n = {n} for x of shape {shape} with feature dim={dim}"
         )

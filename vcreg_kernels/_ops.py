@@ -1,10 +1,17 @@
 """The op schemas, defined once (SPEC section 3). Compiled code only implements kernels for them.
 
 * ``vcreg::fused(x, ...) -> x``: identity forward that returns a view of x (no copy); its
-  backward adds d(loss)/dx through ``vcreg::fused_backward``. It is a CompositeImplicitAutograd
-  op that calls ``_VCRegFunction``, so eager, torch.compile and autograd all see one definition.
+  backward adds d(loss)/dx through ``vcreg::fused_backward_terms``. It is a
+  CompositeImplicitAutograd op that calls ``_VCRegFunction`` (as ``VCReg`` does, through
+  ``vcreg_function``), so eager, torch.compile and autograd all see one definition.
 * ``vcreg::fused_backward(grad_y, x, ...) -> grad_x``: a custom op with a fake implementation;
   its real implementation asks ``dispatch`` which backend runs.
+* ``vcreg::fused_backward_terms(grad_y, x, ..., group) -> (grad_x, terms)``: internal, the same
+  implementation; what ``_VCRegFunction``'s backward calls. It also returns ``terms = tensor([l_var, l_cov])``, which the backward
+  copies into the module's ``VCReg.terms`` buffer when it has one (logging without a second pass
+  over x and without a host sync: a device-side copy, kept in the graph under torch.compile as a
+  backward mutation of a forward input), and with ``group`` (a ``distributed.group_key``) it
+  takes the statistics of the whole process group's batch (the cross-rank mode, SPEC section 8).
 * ``vcreg::backward_kernel(grad_y3, x3, ...) -> (grad_x3, terms)``: the compiled backends' op on
   canonical (B, d, L) views, with CPU and CUDA kernels registered from csrc/; and its two halves
   ``vcreg::stats_kernel(x3) -> (mu, M2)`` and ``vcreg::apply_kernel(grad_y3, x3, G, mu) -> grad_x3``.
@@ -17,6 +24,7 @@ import torch
 
 from . import dispatch
 from ._checks import check_args
+from .reference import accumulate_dtype
 
 _lib = torch.library.Library("vcreg", "DEF")
 _lib.define(
@@ -33,6 +41,18 @@ _lib.define("stats_kernel(Tensor x) -> (Tensor, Tensor)")
 _lib.define("apply_kernel(Tensor grad_y, Tensor x, Tensor G, Tensor mu) -> Tensor")
 
 
+def _backward(grad_y, x, alpha, beta, eps, gamma, delta, dim, group):
+    """(grad_x, terms): both backward ops' implementation; ``dispatch`` picks the backend."""
+    # In the cross-rank mode only the global n must reach 2: distributed.py checks it.
+    dim = check_args(x, alpha, beta, eps, gamma, delta, dim, min_samples=2 if group is None else 0)
+    if grad_y.shape != x.shape:
+        raise ValueError(f"vcreg: grad_y has shape {tuple(grad_y.shape)}, x has {tuple(x.shape)}")
+    # A backward run inside torch.autocast would otherwise cast the reference's matmuls (and the
+    # finalisation's) to bf16/fp16: the backends keep their own precision policy (SPEC section 2).
+    with torch.autocast(x.device.type, enabled=False):
+        return dispatch.vcreg_backward(grad_y, x, alpha, beta, eps, gamma, delta, dim, group=group)
+
+
 @torch.library.custom_op("vcreg::fused_backward", mutates_args=())
 def fused_backward(
     grad_y: torch.Tensor,
@@ -45,10 +65,7 @@ def fused_backward(
     dim: int,
 ) -> torch.Tensor:
     """grad_y + d(loss)/dx of SPEC section 2, on the backend ``dispatch`` picks."""
-    dim = check_args(x, alpha, beta, eps, gamma, delta, dim)
-    if grad_y.shape != x.shape:
-        raise ValueError(f"vcreg: grad_y has shape {tuple(grad_y.shape)}, x has {tuple(x.shape)}")
-    grad_x, _terms = dispatch.vcreg_backward(grad_y, x, alpha, beta, eps, gamma, delta, dim)
+    grad_x, _terms = _backward(grad_y, x, alpha, beta, eps, gamma, delta, dim, None)
     return grad_x
 
 
@@ -57,29 +74,64 @@ def _fused_backward_fake(grad_y, x, alpha, beta, eps, gamma, delta, dim):
     return torch.empty_like(x, dtype=grad_y.dtype)
 
 
+@torch.library.custom_op("vcreg::fused_backward_terms", mutates_args=())
+def fused_backward_terms(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    alpha: float,
+    beta: float,
+    eps: float,
+    gamma: float,
+    delta: Optional[float],
+    dim: int,
+    group: Optional[str],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fused_backward's grad_x, tensor([l_var, l_cov])); with ``group``, over the whole group's batch."""
+    return _backward(grad_y, x, alpha, beta, eps, gamma, delta, dim, group)
+
+
+@fused_backward_terms.register_fake
+def _fused_backward_terms_fake(grad_y, x, alpha, beta, eps, gamma, delta, dim, group):
+    return torch.empty_like(x, dtype=grad_y.dtype), x.new_empty(2, dtype=accumulate_dtype(x.dtype))
+
+
 class _VCRegFunction(torch.autograd.Function):
-    """Identity forward returning a view of x; backward = fused_backward."""
+    """Identity forward returning a view of x; backward = fused_backward_terms.
+
+    ``terms_out``: None, or a float tensor of 2 elements that the backward overwrites with the
+    terms (``VCReg.terms``); ``group``: None, or the ``distributed.group_key`` of the cross-rank mode.
+    """
 
     @staticmethod
-    def forward(x, alpha, beta, eps, gamma, delta, dim):
+    def forward(x, alpha, beta, eps, gamma, delta, dim, terms_out, group):
         return x.view_as(x)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, *params = inputs
+        x, alpha, beta, eps, gamma, delta, dim, terms_out, group = inputs
         ctx.save_for_backward(x)
-        ctx.params = params
+        ctx.params = (alpha, beta, eps, gamma, delta, dim, group)
+        # A plain attribute, not save_for_backward: the copy into it must not trip autograd's
+        # version check of saved tensors when the same layer ran twice before one backward.
+        ctx.terms_out = terms_out
 
     @staticmethod
     def backward(ctx, grad_y):
         (x,) = ctx.saved_tensors
-        grad_x = torch.ops.vcreg.fused_backward(grad_y, x, *ctx.params)
-        return (grad_x,) + (None,) * len(ctx.params)
+        grad_x, terms = torch.ops.vcreg.fused_backward_terms(grad_y, x, *ctx.params)
+        if ctx.terms_out is not None:
+            ctx.terms_out.copy_(terms)
+        return (grad_x,) + (None,) * 8
+
+
+def vcreg_function(x, alpha, beta, eps, gamma, delta, dim, terms_out=None, group=None):
+    """``fused``, and what ``VCReg`` calls: also logs the terms into ``terms_out``, syncs over ``group``."""
+    dim = check_args(x, alpha, beta, eps, gamma, delta, dim, min_samples=2 if group is None else 0)
+    return _VCRegFunction.apply(x, alpha, beta, eps, gamma, delta, dim, terms_out, group)
 
 
 def _fused(x, alpha, beta, eps=1e-4, gamma=1.0, delta=None, dim=-1):
-    dim = check_args(x, alpha, beta, eps, gamma, delta, dim)
-    return _VCRegFunction.apply(x, alpha, beta, eps, gamma, delta, dim)
+    return vcreg_function(x, alpha, beta, eps, gamma, delta, dim)
 
 
 _lib.impl("fused", _fused, "CompositeImplicitAutograd")

@@ -6,7 +6,11 @@ Every backend has the same host signature and computes SPEC section 2 on canonic
     vcreg_backward_<name>(gy3, x3, alpha, beta, eps, gamma, delta) -> (grad_x3, terms)
 
 with ``x3``, ``gy3`` of shape (B, d, L), ``grad_x3`` in x3's strides and grad_y's dtype, and
-``terms = tensor([l_var, l_cov])`` (unweighted, accumulate dtype) for logging.
+``terms = tensor([l_var, l_cov])`` (unweighted, accumulate dtype) for logging; and its two halves,
+for the cross-rank mode (``distributed.py``), which all-reduces the statistics between them::
+
+    vcreg_stats_<name>(x3) -> (mu, M2 = Xc^T Xc)                    (accumulate dtype)
+    vcreg_apply_<name>(gy3, x3, G, mu) -> grad_y + (X - mu) @ G     (x3's strides, grad_y's dtype)
 
 | backend   | tensors                                   | code                          |
 | --------- | ----------------------------------------- | ----------------------------- |
@@ -30,7 +34,8 @@ from typing import Callable, Optional
 import torch
 
 from . import _extension, _layout
-from .reference import vcreg_backward_reference
+from .distributed import vcreg_backward_sync
+from .reference import vcreg_apply_reference, vcreg_backward_reference, vcreg_stats_reference
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
 
@@ -135,11 +140,38 @@ def _triton_kernel(gy3, x3, alpha, beta, eps, gamma, delta):
     return vcreg_backward_triton(gy3, x3, alpha, beta, eps, gamma, delta)
 
 
+def _compiled_stats(x3):
+    return torch.ops.vcreg.stats_kernel(x3)
+
+
+def _compiled_apply(gy3, x3, G, mu):
+    return torch.ops.vcreg.apply_kernel(gy3, x3, G, mu)
+
+
+def _triton_stats(x3):
+    from .triton_kernels import vcreg_stats_triton
+
+    return vcreg_stats_triton(x3)
+
+
+def _triton_apply(gy3, x3, G, mu):
+    from .triton_kernels import vcreg_apply_triton
+
+    return vcreg_apply_triton(gy3, x3, G, mu)
+
+
 _IMPLEMENTATIONS: dict[str, Callable] = {
     "triton": _triton_kernel,
     "cuda": _compiled_kernel,  # csrc/cuda: vcreg_backward_cuda, the CUDA key of vcreg::backward_kernel
     "cpu": _compiled_kernel,  # csrc/vcreg_cpu.cpp: vcreg_backward_cpu, the CPU key
     "reference": vcreg_backward_reference,
+}
+# The halves (stats, apply) of each backend, for the cross-rank mode.
+_HALVES: dict[str, tuple[Callable, Callable]] = {
+    "triton": (_triton_stats, _triton_apply),
+    "cuda": (_compiled_stats, _compiled_apply),  # vcreg::stats_kernel / apply_kernel, CUDA key
+    "cpu": (_compiled_stats, _compiled_apply),  # the CPU key
+    "reference": (vcreg_stats_reference, vcreg_apply_reference),
 }
 
 
@@ -153,12 +185,20 @@ def vcreg_backward(
     delta: Optional[float],
     dim: int,
     backend: Optional[str] = None,
+    group: Optional[str] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """grad_x = grad_y + d(loss)/dx and tensor([l_var, l_cov]), on the backend of ``resolve_backend``.
 
     ``dim`` must already be normalised. grad_x has x's layout where x is dense, grad_y's dtype.
+    With ``group`` (a ``distributed.group_key``) the statistics are those of the whole process
+    group's batch: the backend's halves around the all-reduces of ``distributed.py``.
     """
-    impl = _IMPLEMENTATIONS[resolve_backend(x, backend)]
+    name = resolve_backend(x, backend)
+    if group is None:
+        impl = _IMPLEMENTATIONS[name]
+    else:
+        stats, apply = _HALVES[name]
+        impl = functools.partial(vcreg_backward_sync, group=group, stats=stats, apply=apply)
     canon = _layout.canonical_view(x, dim)
     gy3 = _layout.same_layout(grad_y, canon, dim)
     g3, terms = impl(gy3, canon.x3, float(alpha), float(beta), float(eps), float(gamma),

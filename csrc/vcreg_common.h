@@ -1,0 +1,58 @@
+// Argument checks shared by the compiled kernels of vcreg::backward_kernel, stats_kernel and
+// apply_kernel (csrc/vcreg_cpu.cpp, csrc/cuda/). Torch headers only, so that any device's
+// translation unit can include it. The public checks of SPEC section 5 live in Python
+// (vcreg_kernels/_checks.py); these guard the ops' own contract: canonical (B, d, L) views
+// (vcreg_kernels/_layout.py) with n = B * L samples and d features.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+namespace vcreg {
+
+// float64 for float64 input, float32 for every other floating dtype (SPEC section 2).
+inline at::ScalarType accumulate_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline int64_t num_samples(const at::Tensor& x3) { return x3.size(0) * x3.size(2); }
+
+inline void check_canonical(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 3, "vcreg: ", name, " must be a canonical (B, d, L) view, got shape ", t.sizes());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "vcreg: ", name, " must be floating point, got ",
+              t.scalar_type());
+  TORCH_CHECK_VALUE(t.size(1) >= 1, "vcreg: ", name, " has no features (d = 0), shape ", t.sizes());
+}
+
+inline void check_stats_args(const at::Tensor& x3) {
+  check_canonical(x3, "x");
+  TORCH_CHECK_VALUE(num_samples(x3) >= 1, "vcreg: x has no samples, shape ", x3.sizes());
+}
+
+inline void check_grad_pair(const at::Tensor& gy3, const at::Tensor& x3) {
+  check_stats_args(x3);
+  check_canonical(gy3, "grad_y");
+  TORCH_CHECK(gy3.sizes() == x3.sizes(), "vcreg: grad_y has shape ", gy3.sizes(), ", x has ", x3.sizes());
+  TORCH_CHECK(gy3.device() == x3.device(), "vcreg: grad_y is on ", gy3.device(), ", x on ", x3.device());
+}
+
+inline void check_backward_args(const at::Tensor& gy3, const at::Tensor& x3) {
+  check_grad_pair(gy3, x3);
+  TORCH_CHECK_VALUE(num_samples(x3) >= 2, "vcreg: needs at least 2 samples, got n = ", num_samples(x3),
+                    " for a (B, d, L) view of shape ", x3.sizes());
+}
+
+inline void check_apply_args(const at::Tensor& gy3, const at::Tensor& x3, const at::Tensor& G,
+                             const at::Tensor& mu) {
+  check_grad_pair(gy3, x3);
+  const int64_t d = x3.size(1);
+  TORCH_CHECK(G.dim() == 2 && G.size(0) == d && G.size(1) == d, "vcreg: G must be (d, d) = (", d, ", ", d,
+              "), got ", G.sizes());
+  TORCH_CHECK(mu.dim() == 1 && mu.size(0) == d, "vcreg: mu must be (d,) = (", d, ",), got ", mu.sizes());
+  TORCH_CHECK(at::isFloatingType(G.scalar_type()) && at::isFloatingType(mu.scalar_type()),
+              "vcreg: G and mu must be floating point, got ", G.scalar_type(), " and ", mu.scalar_type());
+  TORCH_CHECK(G.device() == x3.device() && mu.device() == x3.device(), "vcreg: G and mu must be on ",
+              x3.device());
+}
+
+}  // namespace vcreg
