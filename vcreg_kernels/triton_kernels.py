@@ -62,6 +62,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import struct
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -358,21 +359,26 @@ def _stats_kernel(
 @triton.jit(do_not_specialize=["n", "n_chunks"])
 def _finalize_kernel(
     P_ptr, S_ptr, K_ptr, N_ptr, OUT_ptr, MU_ptr, PART_ptr, n, d, n_chunks,
-    alpha: tl.float64, beta: tl.float64, eps: tl.float64, gamma: tl.float64, delta: tl.float64,
+    alpha: tl.float64, alpha_lo: tl.float64, beta: tl.float64, beta_lo: tl.float64,
+    eps: tl.float64, eps_lo: tl.float64, gamma: tl.float64, gamma_lo: tl.float64,
+    delta: tl.float64, delta_lo: tl.float64,
     BLOCK_F: tl.constexpr, ACC: tl.constexpr, WRITE_G: tl.constexpr, HAS_DELTA: tl.constexpr,
 ):
     """Block (I <= J) of BLOCK_F: Chan-merge the chunks in order, then write mu (diagonal
     blocks), and M2 (WRITE_G False) or G with the terms' partial sums (WRITE_G True), to both
-    (I, J) and (J, I). The float arguments arrive as float64 (exact on the GPU) and the
-    coefficients of G are formed from n and d in ACC."""
+    (I, J) and (J, I). Each float argument arrives as float64 in two parts (x = hi + lo, hi the
+    float32 rounding of x), which the interpreter, passing Python floats as float32, also keeps
+    exact; the coefficients of G are formed from n and d in ACC."""
+    alpha = tl.cast(alpha, ACC) + tl.cast(alpha_lo, ACC)
+    beta = tl.cast(beta, ACC) + tl.cast(beta_lo, ACC)
+    eps = tl.cast(eps, ACC) + tl.cast(eps_lo, ACC)
+    gamma = tl.cast(gamma, ACC) + tl.cast(gamma_lo, ACC)
+    delta = tl.cast(delta, ACC) + tl.cast(delta_lo, ACC)
     nm1 = tl.cast(n - 1, ACC)
     dd = tl.cast(d, ACC)
     inv_nm1 = 1.0 / nm1
-    coef_var = -tl.cast(alpha, ACC) / (dd * nm1)
-    coef_cov = tl.where(d > 1, 4.0 * tl.cast(beta, ACC) / (dd * (dd - 1.0) * nm1), 0.0)
-    eps = tl.cast(eps, ACC)
-    gamma = tl.cast(gamma, ACC)
-    delta = tl.cast(delta, ACC)
+    coef_var = -alpha / (dd * nm1)
+    coef_cov = tl.where(d > 1, 4.0 * beta / (dd * (dd - 1.0) * nm1), 0.0)
     p = tl.program_id(0)
     I, J = _pair(p)
     ci = I * BLOCK_F + tl.arange(0, BLOCK_F)
@@ -563,6 +569,16 @@ def _stats(x3: torch.Tensor):
     return P, S, K, N, geo.n, d, acc_t
 
 
+def _split(x: float) -> tuple[float, float]:
+    """(hi, lo) with hi the float32 value nearest x and hi + lo == x to ~2^-48."""
+    x = float(x)
+    try:
+        hi = struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:  # beyond float32's range: the interpreter could not pass it anyway
+        return x, 0.0
+    return hi, x - hi
+
+
 def _finalize(x3, stats, write_g, alpha=0.0, beta=0.0, eps=1.0, gamma=0.0, delta=None):
     P, S, K, N, n, d, acc_t = stats
     cfg = CONFIGS["finalize"]
@@ -574,7 +590,7 @@ def _finalize(x3, stats, write_g, alpha=0.0, beta=0.0, eps=1.0, gamma=0.0, delta
     parts = torch.empty((n_parts, 2), dtype=P.dtype, device=P.device)
     _finalize_kernel[(n_parts,)](
         P, S, K, N, out, mu, parts, n, d, N.shape[0],
-        float(alpha), float(beta), float(eps), float(gamma), float(delta) if delta is not None else 1.0,
+        *_split(alpha), *_split(beta), *_split(eps), *_split(gamma), *_split(1.0 if delta is None else delta),
         BLOCK_F=bf, ACC=acc_t, WRITE_G=write_g,
         HAS_DELTA=delta is not None, **cfg.launch(_target_of(P)),
     )
