@@ -7,7 +7,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
 BUILD_ENV = $(if $(CUDA_HOME),CUDA_HOME=$(CUDA_HOME) FORCE_CUDA=1,)
 
-.PHONY: setup build test report bench-smoke clean
+.PHONY: setup build test report clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,14 @@ setup: $(VENV)/.installed
 build: setup
 	$(BUILD_ENV) $(VENV)/bin/pip install -q --no-build-isolation --no-deps -e .
 
+# The tests, the benchmarks' smoke run, and the ahead-of-time compile checks of every GPU kernel
+# for sm_80/sm_90/gfx906/gfx90a/gfx942 (Triton) and gfx906 (the CUDA kernels through hipify+hipcc).
 test: build
 	$(VENV)/bin/python -m pytest tests -q
+	VCREG_BENCH_SMOKE=1 $(VENV)/bin/python -m pytest bench -q -p no:cacheprovider
+	$(VENV)/bin/python tools/triton_aot_check.py
+	@if command -v hipcc >/dev/null; then $(VENV)/bin/python tools/hip_compile_check.py; \
+	else echo "hipcc not found: the HIP compile check of csrc/cuda did not run (apt-get install hipcc)"; fi
 
 report: build
 	$(VENV)/bin/python -m bench.report

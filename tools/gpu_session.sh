@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One batch of work on a GPU machine: versions, build, the whole test suite, then the report.
-#   tools/gpu_session.sh [tests|report|all] [extra args for bench.report]
+# One batch of work on a GPU machine (no registry there): versions, build, the whole test suite,
+# compute-sanitizer over the CUDA backend's tests, then the latency report.
+#   tools/gpu_session.sh [all|tests|report] [arguments for bench.report]
 # Logs and results go to $OUT (default /tmp/vcreg_gpu_out).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -16,8 +17,16 @@ TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
   || { tail -60 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - t0 )) s"
 if [[ $what == tests || $what == all ]]; then
-  $PY -m pytest tests -q --maxfail=25 -p no:cacheprovider --durations=15 ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | tail -40
+  timeout "${TEST_TIMEOUT:-300}" $PY -m pytest tests -q -p no:cacheprovider -rs --durations=10 \
+    2>&1 | tee "$OUT/tests.log" | grep -v "^SKIPPED" | tail -30
+  for tool in memcheck racecheck; do
+    timeout "${SANITIZER_TIMEOUT:-90}" compute-sanitizer --tool $tool --error-exitcode 9 \
+      $PY -m pytest tests/test_cuda.py -q -p no:cacheprovider -k "backward_kernel_matches_reference and None-4.0 and dtype0" \
+      > "$OUT/sanitizer-$tool.log" 2>&1
+    echo "compute-sanitizer $tool: rc=$? $(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/sanitizer-$tool.log" | tail -2 | tr '\n' ' ')"
+  done
 fi
 if [[ $what == report || $what == all ]]; then
-  $PY -m bench.report --out "$OUT/report" "$@" 2>&1 | tee "$OUT/report.log" | tail -80
+  timeout "${REPORT_TIMEOUT:-300}" $PY -m bench.report --out "$OUT/report" "$@" > "$OUT/report.log" 2>&1
+  echo "report: rc=$?"; grep -v "^\[" "$OUT/report.log" | tail -40
 fi
