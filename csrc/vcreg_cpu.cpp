@@ -21,9 +21,8 @@
 //   S = (X - 1 K^T)^T (X - 1 K^T),  s = (X - 1 K^T)^T 1,  mu = K + s / n,  M2 = S - s s^T / n,
 // which is Chan's merge with one shared shift; with K within a few std of mu no float32 product
 // sees the mean, so |mu|/std = 1000 costs nothing. Each float32 product covers one gathered panel;
-// S, s and the merge are accumulated in float64. The apply
-// subtracts K' = mu rounded to the accumulate dtype and corrects by the rounding's image
-// (mu - K') G, a d-vector computed in float64.
+// S, s and the merge are accumulated in float64. The apply subtracts K' = mu rounded to the
+// accumulate dtype and corrects by the rounding's image (mu - K') G, a d-vector in float64.
 //
 // Work split: fixed by n and d only, never by the thread count, so results are bitwise the same
 // run to run and for any number of threads. Stats: the upper triangle of S is cut into tiles
@@ -35,6 +34,7 @@
 // (sample group x tile) products of each super-panel are the parallel tasks. Apply: independent
 // panels of samples, each gathered, multiplied by G and added to grad_y. BLAS is called inside
 // at::parallel_for, where MKL and OpenBLAS run single-threaded rather than nesting their threads.
+// Temporaries (a few MiB; d^2 float64 for M2) are per-thread scratch reused across calls.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -66,19 +66,22 @@ constexpr int64_t kGroupPanelBytes = 512 << 10;    // grouped: gathered panel pe
 constexpr int64_t kGroupAccBytes = 8 << 20;        // grouped: all float64 accumulators together
 constexpr int64_t kGatherChunk = 1024;             // samples per gather task (bdl: 4 KiB runs per row)
 constexpr int64_t kTile = 96;                      // Gram tile width: one BLAS call per tile
-constexpr int64_t kMinSplitWidth = 64;             // from here on even two tiles beat one square product
+constexpr int64_t kMinSplitWidth = 96;             // from here on even two tiles beat one square product
 constexpr int64_t kMinGramItems = 16;              // shared: tiles x sample groups per super-panel
 constexpr int64_t kMinGroupSamples = 128;          // the shortest product worth one BLAS call
-constexpr int64_t kApplyPanelBytes = 256 << 10;    // gathered panel of the apply: stays in L2
-constexpr int64_t kMinApplyPanelSamples = 256;     // amortises reading G once per panel
-constexpr int64_t kApplyPanelMultiple = 8;         // panel count: splits evenly over 1, 2, 4, 8 threads
+constexpr int64_t kApplyPanelBytes = 256 << 10;    // apply: gathered panel for small d; stays in L2
+constexpr int64_t kApplyPanelSamples = 512;        // apply: panel length for large d
+constexpr int64_t kApplyPanelMaxBytes = 4 << 20;   // apply: panel cap for very large d
+constexpr int64_t kMinApplyPanelSamples = 256;     // apply: shortest panel worth rounding the count for
+constexpr int64_t kApplyPanelMultiple = 8;         // apply: panel count splits evenly over 1, 2, 4, 8 threads
+constexpr int64_t kRowGrain = 256;                 // d x d passes: rows per task (smaller d runs inline)
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Scratch memory kept per calling thread and reused by later calls. The temporaries are a few MiB;
 // allocated afresh on each call they fragment the heap so that grad_x often lands on fresh pages,
 // which the kernel then faults in and zeroes (~1 ms for a 10 MB gradient, as much as a product).
-enum class Scratch { kGramAcc, kGramPanel, kGramProd, kApply, kCount };
+enum class Scratch { kGramAcc, kGramPanel, kGramProd, kM2, kG, kApply, kCount };
 
 void* scratch_bytes(Scratch slot, int64_t bytes) {
   thread_local at::Tensor buffers[static_cast<int>(Scratch::kCount)];
@@ -241,7 +244,7 @@ struct GramPlan {
 
 GramPlan plan_gram(int64_t n, int64_t d, int64_t elem_bytes) {
   GramPlan p;
-  // Skipping the lower triangle pays from d = 64 on: 3 tiles of 48 cost 0.87 of one 96 x 96 product.
+  // Skipping the lower triangle pays from d = 96 on: 3 tiles of 48 cost 0.87 of one 96 x 96 product.
   const int64_t nt = std::max(ceil_div(d, kTile), d >= kMinSplitWidth ? int64_t{2} : int64_t{1});
   for (int64_t i = 0; i <= nt; ++i) {
     // Multiples of 16 elements keep every tile's first column cache-line aligned.
@@ -254,7 +257,7 @@ GramPlan plan_gram(int64_t n, int64_t d, int64_t elem_bytes) {
   const int64_t ntiles = static_cast<int64_t>(p.tiles.size());
   // Grouped needs products long against d (accumulators cost d^2 per group) and d^2 accumulators
   // that stay small.
-  p.grouped = n / kGroups >= std::max(2 * kMinGroupSamples, 2 * d) && kGroups * d * d * 8 <= kGroupAccBytes;
+  p.grouped = n / kGroups >= std::max(4 * kMinGroupSamples, 2 * d) && kGroups * d * d * 8 <= kGroupAccBytes;
   if (p.grouped) {
     p.groups = kGroups;
     const int64_t per_group = ceil_div(n, kGroups);
@@ -297,6 +300,7 @@ void gram_tile(bool rows, acc_t* P, int64_t ld, int64_t k0, int64_t k, int64_t i
 }
 
 // (mu, M2) of x3 (contiguous) in float64: the column means of X and Xc^T Xc, full and symmetric.
+// M2 lives in this thread's scratch: valid until the next call, to be copied if it must outlive it.
 template <typename scalar_t>
 std::pair<at::Tensor, at::Tensor> stats_impl(const at::Tensor& x3) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -382,21 +386,25 @@ std::pair<at::Tensor, at::Tensor> stats_impl(const at::Tensor& x3) {
     }
   }
 
-  at::Tensor mu_t = at::empty({d}, f64), m2_t = at::empty({d, d}, f64);
+  at::Tensor mu_t = at::empty({d}, f64);
   double* mu = mu_t.mutable_data_ptr<double>();
-  double* M2 = m2_t.mutable_data_ptr<double>();
+  double* M2 = scratch<double>(Scratch::kM2, d * d);
+  at::Tensor m2_t = at::from_blob(M2, {d, d}, f64);
   const double nd = static_cast<double>(n);
   for (int64_t j = 0; j < d; ++j) mu[j] = static_cast<double>(K[j]) + colsum[j] / nd;
-  // Tile by tile, so that the mirrored writes stay within a tile's rows in cache.
-  for (const auto& [I, J] : plan.tiles) {
-    for (int64_t i = plan.edges[I]; i < plan.edges[I + 1]; ++i) {
-      for (int64_t j = std::max(i, plan.edges[J]); j < plan.edges[J + 1]; ++j) {
-        double S = 0.0;
-        for (int64_t g = 0; g < groups; ++g) S += acc[(g * d + i) * d + j];
-        M2[i * d + j] = M2[j * d + i] = S - colsum[i] * colsum[j] / nd;
+  // Tile by tile (d^2 work, in parallel for large d): the mirrored writes stay in a tile's rows.
+  at::parallel_for(0, ntiles, d < kRowGrain ? ntiles : 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const auto [I, J] = plan.tiles[t];
+      for (int64_t i = plan.edges[I]; i < plan.edges[I + 1]; ++i) {
+        for (int64_t j = std::max(i, plan.edges[J]); j < plan.edges[J + 1]; ++j) {
+          double S = 0.0;
+          for (int64_t g = 0; g < groups; ++g) S += acc[(g * d + i) * d + j];
+          M2[i * d + j] = M2[j * d + i] = S - colsum[i] * colsum[j] / nd;
+        }
       }
     }
-  }
+  });
   return {mu_t, m2_t};
 }
 
@@ -409,11 +417,20 @@ void apply_impl(const at::Tensor& gy3, const at::Tensor& x3, const at::Tensor& G
   const Shape sh = shape_of(x3);
   const int64_t d = sh.d, n = sh.n;
   const auto acc_opts = x3.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  // Panels of about kApplyPanelBytes, their count rounded up to a multiple of kApplyPanelMultiple
-  // unless that leaves panels shorter than kMinGroupSamples.
-  int64_t panels =
-      ceil_div(n, std::max(kMinApplyPanelSamples, kApplyPanelBytes / (d * static_cast<int64_t>(sizeof(acc_t)))));
-  if (n >= kApplyPanelMultiple * kMinGroupSamples) panels = ceil_div(panels, kApplyPanelMultiple) * kApplyPanelMultiple;
+  // Panels of about kApplyPanelBytes, at least kApplyPanelSamples long (each product packs G again:
+  // about 1/R of its own cost) unless that passes kApplyPanelMaxBytes. Their count is rounded up to
+  // a multiple of kApplyPanelMultiple for balance where panels stay kMinApplyPanelSamples long,
+  // else to an even count.
+  const int64_t row_bytes = d * static_cast<int64_t>(sizeof(acc_t));
+  const int64_t target = std::min(std::max(kApplyPanelSamples, kApplyPanelBytes / row_bytes),
+                                  std::max(kMinGroupSamples, kApplyPanelMaxBytes / row_bytes));
+  int64_t panels = ceil_div(n, target);
+  const int64_t balanced = ceil_div(panels, kApplyPanelMultiple) * kApplyPanelMultiple;
+  if (n / balanced >= kMinApplyPanelSamples) {
+    panels = balanced;
+  } else if (panels > 1) {
+    panels = ceil_div(panels, 2) * 2;
+  }
   const int64_t R = ceil_div(n, panels);
   panels = ceil_div(n, R);
 
@@ -487,10 +504,12 @@ at::Tensor apply_host(const ApplyIO& io, const at::Tensor& x3_in, at::ScalarType
     const float* g = G.const_data_ptr<float>();
     const float* k = K.const_data_ptr<float>();
     const double* mu = mu64.const_data_ptr<double>();
-    for (int64_t i = 0; i < d; ++i) {
-      const double e = mu[i] - static_cast<double>(k[i]);
-      for (int64_t j = 0; j < d; ++j) c[j] += e * static_cast<double>(g[i * d + j]);
-    }
+    at::parallel_for(0, d, kRowGrain, [&](int64_t j0, int64_t j1) {
+      for (int64_t i = 0; i < d; ++i) {
+        const double e = mu[i] - static_cast<double>(k[i]);
+        for (int64_t j = j0; j < j1; ++j) c[j] += e * static_cast<double>(g[i * d + j]);
+      }
+    });
   }
   const at::Tensor c_acc =
       at::from_blob(c.data(), {d}, mu64.options()).to(acc, /*non_blocking=*/false, /*copy=*/true);
@@ -529,20 +548,27 @@ std::pair<double, double> fill_gradient_matrix(const double* M2, int64_t d, int6
   }
   if (d == 1) return {l_var / dd, 0.0};
   const double scale = 4.0 * beta * inv_nm1 / (dd * (dd - 1.0));
-  for (int64_t i = 0; i < d; ++i) {
-    for (int64_t j = 0; j < d; ++j) {
-      if (i == j) continue;
-      const double c = M2[i * d + j] * inv_nm1;
-      if (!delta) {
-        G[i * d + j] = static_cast<acc_t>(c * scale);
-        l_cov += c * c;
-        continue;
+  // Rows in parallel, their phi sums added in row order: the same l_cov for any thread count.
+  std::vector<double> row_cov(d, 0.0);
+  at::parallel_for(0, d, kRowGrain, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      double sum = 0.0;
+      for (int64_t j = 0; j < d; ++j) {
+        if (i == j) continue;
+        const double c = M2[i * d + j] * inv_nm1;
+        if (!delta) {
+          G[i * d + j] = static_cast<acc_t>(c * scale);
+          sum += c * c;
+          continue;
+        }
+        const double dl = *delta, a = std::abs(c);
+        G[i * d + j] = static_cast<acc_t>(std::min(std::max(c, -dl), dl) * scale);  // keeps NaN
+        sum += a <= dl ? c * c : 2.0 * dl * a - dl * dl;
       }
-      const double dl = *delta, a = std::abs(c);
-      G[i * d + j] = static_cast<acc_t>(std::min(std::max(c, -dl), dl) * scale);  // keeps NaN
-      l_cov += a <= dl ? c * c : 2.0 * dl * a - dl * dl;
+      row_cov[i] = sum;
     }
-  }
+  });
+  for (int64_t i = 0; i < d; ++i) l_cov += row_cov[i];
   return {l_var / dd, l_cov / (dd * (dd - 1.0))};
 }
 
@@ -550,7 +576,7 @@ std::tuple<at::Tensor, at::Tensor> vcreg_stats_cpu(const at::Tensor& x3) {
   check_stats_args(x3);
   auto [mu, M2] = stats_f64(x3);
   const at::ScalarType acc = accumulate_type(x3.scalar_type());
-  return {mu.to(acc), M2.to(acc)};
+  return {mu.to(acc), M2.to(acc, /*non_blocking=*/false, /*copy=*/true)};  // M2 is scratch
 }
 
 at::Tensor vcreg_apply_cpu(const at::Tensor& gy3, const at::Tensor& x3, const at::Tensor& G, const at::Tensor& mu) {
@@ -568,11 +594,13 @@ std::tuple<at::Tensor, at::Tensor> vcreg_backward_cpu(const at::Tensor& gy3, con
   const int64_t d = x3.size(1);
   const ApplyIO io = prepare_apply(gy3, x3);
   auto [mu, M2] = stats_f64(io.x3);
-  at::Tensor G = at::empty({d, d}, M2.options().dtype(acc));
+  at::Tensor G;
   std::pair<double, double> terms;
   AT_DISPATCH_FLOATING_TYPES(acc, "vcreg_gradient_matrix_cpu", [&] {
+    scalar_t* g = scratch<scalar_t>(Scratch::kG, d * d);
+    G = at::from_blob(g, {d, d}, M2.options().dtype(acc));
     terms = fill_gradient_matrix<scalar_t>(M2.const_data_ptr<double>(), d, num_samples(x3), alpha, beta, eps,
-                                           gamma, delta, G.mutable_data_ptr<scalar_t>());
+                                           gamma, delta, g);
   });
   at::Tensor terms_t = at::empty({2}, M2.options());
   terms_t.mutable_data_ptr<double>()[0] = terms.first;

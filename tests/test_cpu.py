@@ -24,10 +24,10 @@ MULTIPLE = 4  # allowed multiple of plain PyTorch's own error at the same dtype
 
 # (B, d, L) of each layout: tiny n and d, d = 257 (tiles of uneven width), sample counts that
 # leave remainders in every gather chunk / apply panel, bdl runs that cross slab boundaries, and
-# both ways the Gram products are split: per task sample ranges ("grouped", n >= 16 max(256, 2d),
-# e.g. 4099 x 3 and 8 x 650 x 96) and one shared gathered panel (the others).
-ROWS = [(2, 1, 1), (3, 3, 1), (1031, 257, 1), (4099, 3, 1), (3000, 96, 1)]
-BDL = [(1, 3, 2), (3, 1, 37), (3, 257, 37), (5, 96, 613), (16, 130, 49), (8, 96, 650)]
+# both ways the Gram products are split: per task sample ranges ("grouped", n >= 16 max(512, 2d),
+# e.g. 8195 x 3 and 8 x 96 x 1300) and one shared gathered panel (the others).
+ROWS = [(2, 1, 1), (3, 3, 1), (1031, 257, 1), (8195, 3, 1), (3000, 96, 1)]
+BDL = [(1, 3, 2), (3, 1, 37), (3, 257, 37), (5, 96, 613), (16, 130, 49), (8, 96, 1300)]
 SIZES = [("rows", s) for s in ROWS] + [("bdl", s) for s in BDL]
 SIZE_IDS = [f"{lay}-{'x'.join(map(str, s))}" for lay, s in SIZES]
 
@@ -138,7 +138,7 @@ def test_stats_across_super_panels(layout, size):
 
 @pytest.mark.parametrize(
     "layout,size",
-    [("rows", (20000, 130, 1)), ("bdl", (8, 96, 650)), ("rows", (15000, 300, 1)), ("bdl", (16, 384, 196))],
+    [("rows", (20000, 130, 1)), ("bdl", (8, 96, 1300)), ("rows", (15000, 300, 1)), ("bdl", (16, 384, 196))],
     ids=["rows-grouped", "bdl-grouped", "rows-super-panels", "bdl-shared-tiles"],
 )
 def test_bitwise_repeatable_and_thread_count_independent(layout, size):
@@ -159,6 +159,19 @@ def test_bitwise_repeatable_and_thread_count_independent(layout, size):
     for a, b, c in zip(first, second, single):
         assert torch.equal(a, b)
         assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_outputs_do_not_share_scratch(dtype):
+    # The kernels keep per-thread scratch between calls; nothing they return may live in it.
+    x_a, x_b = (make_x3("bdl", 4, 9, 33, dtype) for _ in range(2))
+    mu_a, M2_a = torch.ops.vcreg.stats_kernel(x_a)
+    gx_a, terms_a = torch.ops.vcreg.backward_kernel(x_a, x_a, 0.5, 0.2, 1e-4, 2.0, None)
+    kept = [t.clone() for t in (mu_a, M2_a, gx_a, terms_a)]
+    torch.ops.vcreg.stats_kernel(x_b)
+    torch.ops.vcreg.backward_kernel(x_b, x_b, 0.5, 0.2, 1e-4, 2.0, None)
+    for t, k in zip((mu_a, M2_a, gx_a, terms_a), kept):
+        assert torch.equal(t, k)
 
 
 @pytest.mark.parametrize("layout,size", [("rows", (300, 7, 1)), ("bdl", (3, 7, 37))])

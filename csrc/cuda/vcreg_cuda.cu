@@ -135,9 +135,12 @@ at::Tensor apply_gemm(const at::Tensor& y, const at::Tensor& Gm, const Plan& p, 
   return p.rows ? gemm_acc(y, Gm, acc) : gemm_acc(Gm.t(), y, acc);
 }
 
-// Results come back in x3's strides when x3 was not contiguous (the kernels ran on a copy).
+// Results come back in x3's strides when x3 was not contiguous (the kernels ran on a copy). A
+// contiguous x3 may still carry unusual strides on size-1 dimensions: those address the same
+// elements, so a view with x3's exact strides costs nothing.
 at::Tensor in_layout_of(const at::Tensor& out, const at::Tensor& x3) {
-  if (x3.is_contiguous() || at::has_internal_overlap(x3) != at::MemOverlap::No) return out;
+  if (x3.is_contiguous()) return out.as_strided(x3.sizes(), x3.strides());
+  if (at::has_internal_overlap(x3) != at::MemOverlap::No) return out;
   return at::empty_strided(x3.sizes(), x3.strides(), out.options()).copy_(out);
 }
 
