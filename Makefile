@@ -26,7 +26,7 @@ test: build
 	$(VENV)/bin/python -m pytest tests -q
 	VCREG_BENCH_SMOKE=1 $(VENV)/bin/python -m pytest bench -q -p no:cacheprovider
 	$(VENV)/bin/python tools/triton_aot_check.py
-	@if command -v hipcc >/dev/null; then $(VENV)/bin/python tools/hip_compile_check.py; \
+	@if command -v hipcc >/dev/null; then $(VENV)/bin/python tools/hip_compile_check.py --cuda sm_80 --cuda sm_90 --out bench/results/cuda_kernels_resources.md; \
 	else echo "hipcc not found: the HIP compile check of csrc/cuda did not run (apt-get install hipcc)"; fi
 
 report: build

@@ -20,6 +20,7 @@ Idempotent: everything is built in a fresh temporary directory (``--keep DIR`` t
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import re
 import shutil
@@ -113,18 +114,26 @@ def check_hip(arch: str, hipcc: str, work: Path, header: Path) -> list[str]:
     (asm_file,) = work.glob(f"kernels_{arch}-hip-amdgcn-amd-amdhsa-{arch}.s")
     kernels = amdgpu_metadata(asm_file.read_text())
     names = demangle([k["name"] for k in kernels])
-    print(f"\n{arch}: {len(kernels)} kernels (wavefront {kernels[0].get('wavefront_size', '?') if kernels else '?'})")
-    print(f"  {'kernel':58s} {'VGPR':>4s} {'SGPR':>4s} {'spill v/s':>9s} {'LDS':>5s} {'scratch':>7s}")
+    report(f"\n### {arch}: {len(kernels)} kernels (wavefront {kernels[0].get('wavefront_size', '?') if kernels else '?'})\n")
+    report("| kernel | VGPR | SGPR | spill VGPR/SGPR | LDS bytes | scratch bytes |\n| --- | ---: | ---: | ---: | ---: | ---: |")
     errors = []
     for k, name in sorted(zip(kernels, names), key=lambda kn: kn[1]):
         vs, ss = int(k.get("vgpr_spill_count", 0)), int(k.get("sgpr_spill_count", 0))
         lds, scratch = int(k.get("group_segment_fixed_size", 0)), int(k.get("private_segment_fixed_size", 0))
-        print(f"  {name:58s} {k.get('vgpr_count', '?'):>4s} {k.get('sgpr_count', '?'):>4s} {f'{vs}/{ss}':>9s} "
-              f"{lds:5d} {scratch:7d}")
+        report(f"| `{name}` | {k.get('vgpr_count', '?')} | {k.get('sgpr_count', '?')} | {vs}/{ss} | {lds} | {scratch} |")
         if vs or ss or scratch:
             errors.append(f"{arch}: {name} spills ({vs} VGPR, {ss} SGPR) or uses scratch ({scratch} bytes)")
     errors += missing(expected_kernels(), names, arch)
     return errors
+
+
+REPORT: list[str] = []
+
+
+def report(line: str) -> None:
+    """Print a line of the Markdown resource report and keep it for ``--out``."""
+    print(line)
+    REPORT.append(line)
 
 
 def check_cuda(sm: str, work: Path) -> list[str]:
@@ -149,11 +158,11 @@ def check_cuda(sm: str, work: Path) -> list[str]:
             rows.append((name, int(m.group(1)), spill, int(smem.group(1)) if smem else 0))
             name = None
     names = demangle([r_[0] for r_ in rows])
-    print(f"\n{sm}: {len(rows)} kernels")
-    print(f"  {'kernel':58s} {'regs':>4s} {'stack':>5s} {'spill st/ld':>11s} {'smem':>5s}")
+    report(f"\n### {sm}: {len(rows)} kernels\n")
+    report("| kernel | registers | stack bytes | spill store/load bytes | smem bytes |\n| --- | ---: | ---: | ---: | ---: |")
     errors = []
     for (mangled, regs, (stack, st, ld), smem), nm in sorted(zip(rows, names), key=lambda rn: rn[1]):
-        print(f"  {nm:58s} {regs:4d} {stack:5d} {f'{st}/{ld}':>11s} {smem:5d}")
+        report(f"| `{nm}` | {regs} | {stack} | {st}/{ld} | {smem} |")
         if st or ld or stack:
             errors.append(f"{sm}: {nm} spills ({st}/{ld} bytes) or uses a stack frame ({stack} bytes)")
     errors += missing(expected_kernels(), names, sm)
@@ -171,6 +180,7 @@ def main() -> int:
     ap.add_argument("--cuda", action="append", default=[], help="also report an NVIDIA target, e.g. sm_90")
     ap.add_argument("--install", action="store_true", help="apt-get install hipcc if it is missing")
     ap.add_argument("--keep", type=Path, help="build in this directory (emptied first) and keep it")
+    ap.add_argument("--out", type=Path, help="also write the resource report (Markdown) to this file")
     args = ap.parse_args()
     archs = args.arch or ["gfx906"]
     hipcc = ensure_hipcc(args.install)
@@ -187,6 +197,12 @@ def main() -> int:
             errors += check_hip(arch, hipcc, work, header)
         for sm in args.cuda:
             errors += check_cuda(sm, work)
+    if args.out:
+        args.out.write_text(
+            f"# Resources of the CUDA kernels' device code ({HEADER.relative_to(ROOT)})\n\n"
+            f"Written by `python tools/hip_compile_check.py {' '.join(sys.argv[1:])}` on "
+            f"{datetime.date.today()}: hipify + hipcc for AMD targets, nvcc -Xptxas -v for NVIDIA ones.\n"
+            + "\n".join(REPORT) + "\n")
     if errors:
         print("\nFAILED:\n" + "\n".join(errors), file=sys.stderr)
         return 1
