@@ -45,4 +45,26 @@ def _seed(request):
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
+def make_x3(layout, B, d, L, dtype, mean=0.0, device="cpu"):
+    """x3 (B, d, L) in ``layout`` ("rows" or "bdl", see vcreg_kernels/_layout.py) for the compiled
+    kernels' tests: correlated features of spread about 1, mean about ``mean``."""
+    n = B * L
+    A = torch.eye(d, dtype=torch.float64, device=device) + torch.randn(d, d, dtype=torch.float64, device=device) / d**0.5
+    X = torch.randn(n, d, dtype=torch.float64, device=device) @ A
+    if mean:
+        signs = torch.where(torch.rand(d, device=device) < 0.5, -1.0, 1.0).double()
+        X += mean * signs * (0.5 + torch.rand(d, dtype=torch.float64, device=device))
+    if layout == "rows":
+        assert L == 1
+        x3 = X.view(B, d, 1)
+    else:
+        x3 = X.view(B, L, d).permute(0, 2, 1).contiguous()
+    return x3.to(dtype)
+
+
+def rel_err(a, ref):
+    """Relative Frobenius error of ``a`` against the float64 ``ref``."""
+    return ((a.double() - ref).norm() / ref.norm()).item()
+
+
 gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA/ROCm GPU")

@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 
+from conftest import make_x3, rel_err
 from vcreg_kernels import _extension
 from vcreg_kernels.reference import (
     accumulate_dtype,
@@ -37,26 +38,6 @@ ROWS = [(2, 1, 1), (3, 3, 1), (1031, 257, 1), (8195, 3, 1), (3000, 96, 1)]
 BDL = [(1, 3, 2), (3, 1, 37), (3, 257, 37), (5, 96, 613), (16, 130, 49), (8, 96, 1300)]
 SIZES = [("rows", s) for s in ROWS] + [("bdl", s) for s in BDL]
 SIZE_IDS = [f"{lay}-{'x'.join(map(str, s))}" for lay, s in SIZES]
-
-
-def make_x3(layout, B, d, L, dtype, mean=0.0):
-    """x3 (B, d, L) in ``layout``: correlated features of spread about 1, mean about ``mean``."""
-    n = B * L
-    A = torch.eye(d, dtype=torch.float64) + torch.randn(d, d, dtype=torch.float64) / d**0.5
-    X = torch.randn(n, d, dtype=torch.float64) @ A
-    if mean:
-        signs = torch.where(torch.rand(d) < 0.5, -1.0, 1.0).double()
-        X += mean * signs * (0.5 + torch.rand(d, dtype=torch.float64))
-    if layout == "rows":
-        assert L == 1
-        x3 = X.view(B, d, 1)
-    else:
-        x3 = X.view(B, L, d).permute(0, 2, 1).contiguous()
-    return x3.to(dtype)
-
-
-def rel_err(a, ref):
-    return ((a.double() - ref).norm() / ref.norm()).item()
 
 
 def bound(torch_err, dtype):

@@ -13,12 +13,13 @@ bfloat16 one unit of the dtype's precision (torch.finfo(dtype).eps), since the k
 shifted data Y = X - K and G to the tensor cores in x's dtype (one rounding each, SPEC section 2).
 TF32 is off in these tests (torch's default); SPEC section 6 allows 2e-3 when a user turns it on.
 """
+import functools
 import os
 
 import pytest
 import torch
 
-from conftest import HAS_GPU, gpu
+from conftest import HAS_GPU, gpu, make_x3, rel_err
 from vcreg_kernels import _extension, dispatch
 from vcreg_kernels.reference import (
     accumulate_dtype,
@@ -81,24 +82,8 @@ SIZES = [("rows", s) for s in ROWS] + [("bdl", s) for s in BDL]
 SIZE_IDS = [f"{lay}-{'x'.join(map(str, s))}" for lay, s in SIZES]
 
 
-def make_x3(layout, B, d, L, dtype, mean=0.0, device="cuda"):
-    """x3 (B, d, L) in ``layout``: correlated features of spread about 1, mean about ``mean``."""
-    n = B * L
-    A = torch.eye(d, dtype=torch.float64, device=device) + torch.randn(d, d, dtype=torch.float64, device=device) / d**0.5
-    X = torch.randn(n, d, dtype=torch.float64, device=device) @ A
-    if mean:
-        signs = torch.where(torch.rand(d, device=device) < 0.5, -1.0, 1.0).double()
-        X += mean * signs * (0.5 + torch.rand(d, dtype=torch.float64, device=device))
-    if layout == "rows":
-        assert L == 1
-        x3 = X.view(B, d, 1)
-    else:
-        x3 = X.view(B, L, d).permute(0, 2, 1).contiguous()
-    return x3.to(dtype)
-
-
-def rel_err(a, ref):
-    return ((a.double() - ref).norm() / ref.norm()).item()
+# The compiled-kernel cases of tests/test_cpu.py, on the GPU.
+make_x3 = functools.partial(make_x3, device="cuda")
 
 
 @gpu
