@@ -278,7 +278,7 @@ shift_cols_kernel(const T* __restrict__ x, const A* __restrict__ K, int64_t n, i
 }
 
 // Per column j (one thread each): S_j = sum of the chunk partials in chunk order, mu_j = K_j + S_j/n,
-// dmu_j = S_j/n. With gdiag != nullptr (the backward) also the diagonal of SPEC section 2:
+// dmu_j = S_j/n (S_j NaN where it is infinite). With gdiag != nullptr (the backward) also the diagonal of SPEC section 2:
 // C_jj = (Q_jj - S_j S_j/n)/(n-1), s_j = sqrt(C_jj + eps), G_jj, relu(gamma - s_j).
 template <typename A>
 __global__ void __launch_bounds__(kThreads)
@@ -290,10 +290,14 @@ column_stats_kernel(const A* __restrict__ partial, int64_t nchunks, const A* __r
   if (j >= d) return;
   A S = A(0);
   for (int64_t c = 0; c < nchunks; ++c) S += partial[c * d + j];
-  const A m = S / A(n);  // NaN for n == 0, as the mean of no rows
+  mu[j] = K[j] + S / A(n);  // NaN for n == 0, as the mean of no rows; +-Inf where x holds one
+  // An infinite column sum means an infinite x in column j, where Xc = X - mu is NaN (Inf - Inf)
+  // and with it row and column j of C; carried as a NaN sum, it makes them NaN here too, where
+  // the shifted sums would give Inf - Inf or +-Inf depending on signs.
+  if (isinf(S)) S = S - S;
+  const A m = S / A(n);
   colsum[j] = S;
   dmu[j] = m;
-  mu[j] = K[j] + m;
   if (gdiag != nullptr) {
     const A c = (Q[j * d + j] - S * S / A(n)) / A(n - 1);
     const A sd = sqrt(c + eps);
