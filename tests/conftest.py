@@ -62,6 +62,18 @@ def make_x3(layout, B, d, L, dtype, mean=0.0, device="cpu"):
     return x3.to(dtype)
 
 
+def gamma_between(s):
+    """A gamma that splits the hinges' s_j (a float64 tensor) into active and inactive ones, in the
+    widest gap between consecutive s_j of the middle half, so no s_j is near the hinge's jump;
+    for a single s_j, a gamma 25% above it."""
+    s = s.sort().values
+    if s.numel() == 1:
+        return 1.25 * s.item()
+    lo, hi = s.numel() // 4, max(s.numel() // 4 + 1, 3 * s.numel() // 4)
+    k = lo + (s[lo + 1 : hi + 1] - s[lo:hi]).argmax().item()
+    return 0.5 * (s[k] + s[k + 1]).item()
+
+
 def rel_err(a, ref):
     """Relative Frobenius error of ``a`` against the float64 ``ref``."""
     return ((a.double() - ref).norm() / ref.norm()).item()
