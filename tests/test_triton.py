@@ -104,6 +104,22 @@ def test_stats_many_chunks_and_blocks(dtype, monkeypatch):
     assert rel(mu, mu_want, mu_want.norm()) <= FLOOR[dtype]
 
 
+def test_stats_mean_over_many_chunks(monkeypatch):
+    """mu after Chan's merge of hundreds of chunks at |mu| = 100 std, measured on the spread's
+    scale (relative to |mu| it would hide): a running mean rounded to float32 at every merge
+    drifts by several ulps of |mu|, six times plain PyTorch's error here."""
+    monkeypatch.setattr(tk, "STATS_PROGRAMS_PER_SM", 1000)
+    monkeypatch.setattr(tk, "STATS_MIN_SAMPLES_PER_FEATURE", 0)
+    B, d = 528 * tk.stats_config(16, torch.float32)["BLOCK_S"], 16  # 528 chunks of one tile
+    x3 = make_x3(B, d, 1, torch.float32, mean_scale=100.0)
+    mu, _ = tk.vcreg_stats_triton(x3)
+    X = x3.double().cpu().view(B, d)
+    mu_want, std = X.mean(0), X.std(0)
+    err = ((mu.double().cpu() - mu_want).abs() / std).max().item()
+    err_plain = ((x3.view(B, d).mean(0).double().cpu() - mu_want).abs() / std).max().item()
+    assert err <= 4 * err_plain + 1e-6, f"mu: {err:.3g} of the spread (plain torch: {err_plain:.3g})"
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("L", LAYOUTS)
 @pytest.mark.parametrize("d", [3, 40])

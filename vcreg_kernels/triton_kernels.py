@@ -388,12 +388,15 @@ def _finalize_kernel(
     m2d = mi[:, None] & mj[None, :]
     poffs = ci.to(tl.int64)[:, None] * d + cj[None, :]
 
+    # The running mean is kept relative to chunk 0's shift K_0 (mean = K_0 + m), and K_0 added
+    # once at the end: m is of the order of the spread, so its rounding at each of the many
+    # merges is that much smaller than the rounding of a mean of order |mu| would be.
     n_a = tl.load(N_ptr)
+    k0_i = tl.load(K_ptr + ci, mask=mi, other=0.0)
+    k0_j = tl.load(K_ptr + cj, mask=mj, other=0.0)
     mean_i = tl.load(S_ptr + ci, mask=mi, other=0.0) / n_a
     mean_j = tl.load(S_ptr + cj, mask=mj, other=0.0) / n_a
     M = tl.load(P_ptr + poffs, mask=m2d, other=0.0) - n_a * mean_i[:, None] * mean_j[None, :]
-    mean_i += tl.load(K_ptr + ci, mask=mi, other=0.0)
-    mean_j += tl.load(K_ptr + cj, mask=mj, other=0.0)
     for c in range(1, n_chunks):
         n_b = tl.load(N_ptr + c)
         row = tl.cast(c, tl.int64) * d
@@ -401,8 +404,9 @@ def _finalize_kernel(
         sh_j = tl.load(S_ptr + row + cj, mask=mj, other=0.0) / n_b
         Pb = tl.load(P_ptr + row * d + poffs, mask=m2d, other=0.0)
         n_ab = n_a + n_b
-        del_i = (tl.load(K_ptr + row + ci, mask=mi, other=0.0) + sh_i) - mean_i
-        del_j = (tl.load(K_ptr + row + cj, mask=mj, other=0.0) + sh_j) - mean_j
+        # K_c - K_0: two means of the same column, exact where |mu| dominates the spread.
+        del_i = ((tl.load(K_ptr + row + ci, mask=mi, other=0.0) - k0_i) + sh_i) - mean_i
+        del_j = ((tl.load(K_ptr + row + cj, mask=mj, other=0.0) - k0_j) + sh_j) - mean_j
         M += (Pb - n_b * sh_i[:, None] * sh_j[None, :]) + (n_a * n_b / n_ab) * del_i[:, None] * del_j[None, :]
         mean_i += del_i * (n_b / n_ab)
         mean_j += del_j * (n_b / n_ab)
@@ -434,7 +438,7 @@ def _finalize_kernel(
     tl.store(OUT_ptr + poffs, val, mask=upper)
     tl.store(OUT_ptr + cj.to(tl.int64)[None, :] * d + ci[:, None], val, mask=upper)  # mirror
     if I == J:
-        tl.store(MU_ptr + ci, mean_i, mask=mi)
+        tl.store(MU_ptr + ci, k0_i + mean_i, mask=mi)
 
 
 @triton.jit(do_not_specialize=["n_parts"])
