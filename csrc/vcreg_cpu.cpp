@@ -33,7 +33,7 @@
 // on it. Otherwise ("shared") X is gathered in super-panels of ~8 MiB by parallel chunks, and the
 // (sample group x tile) products of each super-panel are the parallel tasks. Apply: independent
 // panels of samples, each gathered, multiplied by G and added to grad_y. BLAS is called inside
-// at::parallel_for, where MKL and OpenBLAS run single-threaded rather than nesting their threads.
+// at::parallel_for tasks, each told to run its products on one thread (SingleThreadBlas).
 // Temporaries (a few MiB; d^2 float64 for M2) are per-thread scratch reused across calls.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -101,6 +101,28 @@ struct Shape {
 };
 
 Shape shape_of(const at::Tensor& x3) { return {x3.size(1), x3.size(2), x3.size(0) * x3.size(2)}; }
+
+// MKL may cut a product's inner (sample) dimension by the number of threads it is allowed, which
+// changes the order of its sums: a task's product must then not depend on that number, nor on
+// whether the task runs inside a parallel region (an inline task may get every thread). Each
+// task holding this guard runs its products on one thread. MKL_Set_Num_Threads_Local (the C entry
+// point that mkl_service.h's mkl_set_num_threads_local names; the lowercase symbol is Fortran's,
+// taking a pointer) is thread-local and restored on exit; it comes with torch's MKL builds (x86),
+// and where it is absent (weak symbol, null) the BLAS is left as it is.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+class SingleThreadBlas {
+ public:
+  SingleThreadBlas() : previous_(MKL_Set_Num_Threads_Local != nullptr ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  ~SingleThreadBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous_);
+  }
+  SingleThreadBlas(const SingleThreadBlas&) = delete;
+  SingleThreadBlas& operator=(const SingleThreadBlas&) = delete;
+
+ private:
+  int previous_;  // 0: the thread had no local setting (MKL then follows the global one)
+};
 
 // In "bdl" a panel's samples are short runs, one per feature row, L elements apart; the hardware
 // prefetcher starts afresh on each, so the loops request the next row's lines while on this one.
@@ -335,6 +357,7 @@ std::pair<at::Tensor, at::Tensor> stats_impl(const at::Tensor& x3) {
   if (plan.grouped) {
     acc_t* panel_all = scratch<acc_t>(Scratch::kGramPanel, nthreads * plan.panel * d);
     at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+      const SingleThreadBlas single_thread_blas;
       const int64_t tid = at::get_thread_num();
       acc_t* P = panel_all + tid * plan.panel * d;
       acc_t* prod = prod_all + tid * w2;
@@ -371,6 +394,7 @@ std::pair<at::Tensor, at::Tensor> stats_impl(const at::Tensor& x3) {
         for (int64_t j = 0; j < d; ++j) colsum[j] += part_sums[c * d + j];
       }
       at::parallel_for(0, groups * ntiles, 1, [&](int64_t q0, int64_t q1) {
+        const SingleThreadBlas single_thread_blas;
         acc_t* prod = prod_all + at::get_thread_num() * w2;
         for (int64_t q = q0; q < q1; ++q) {
           const int64_t g = q / ntiles;
@@ -443,6 +467,7 @@ void apply_impl(const at::Tensor& gy3, const at::Tensor& x3, const at::Tensor& G
   acc_t* buf_all = scratch<acc_t>(Scratch::kApply, at::get_num_threads() * 2 * R * d);
 
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    const SingleThreadBlas single_thread_blas;
     acc_t* P = buf_all + at::get_thread_num() * 2 * R * d;
     acc_t* T = P + R * d;
     for (int64_t p = p0; p < p1; ++p) {

@@ -139,14 +139,16 @@ def test_bitwise_repeatable_and_thread_count_independent(layout, size):
 
     first, second = run(), run()
     threads = torch.get_num_threads()
+    others = []
     try:
-        torch.set_num_threads(1)
-        single = run()
+        for count in (1, 3, 8):  # more threads than cores is fine: the split must not care
+            torch.set_num_threads(count)
+            others.append(run())
     finally:
         torch.set_num_threads(threads)
-    for a, b, c in zip(first, second, single):
-        assert torch.equal(a, b)
-        assert torch.equal(a, c)
+    for outputs in [second] + others:
+        for a, b in zip(first, outputs):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
