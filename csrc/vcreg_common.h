@@ -9,6 +9,10 @@
 #include <c10/util/Exception.h>
 
 namespace vcreg {
+// Internal linkage: each translation unit keeps its own copy of these helpers, compiled by its own
+// compiler (g++ for csrc/*.cpp, nvcc for csrc/cuda/*.cu), rather than the linker keeping one
+// compiler's copy for both.
+namespace {
 
 // float64 for float64 input, float32 for every other floating dtype (SPEC section 2).
 inline at::ScalarType accumulate_type(at::ScalarType t) {
@@ -55,4 +59,5 @@ inline void check_apply_args(const at::Tensor& gy3, const at::Tensor& x3, const 
               x3.device());
 }
 
+}  // namespace
 }  // namespace vcreg
