@@ -309,6 +309,30 @@ def test_autocast_bfloat16(backend_device, backward_in_autocast):
     torch.testing.assert_close(layer.terms.double(), want, rtol=1e-4, atol=1e-6)
 
 
+def test_loss_scale_workaround(backend_device):
+    """docs/guide.md, float16 with a loss scaler: a loss scaled by S with the layers' alpha and beta
+    scaled by S gives S times the gradients, so unscaled they are the unscaled objective's; with
+    S a power of two, bitwise. Scaling the loss alone leaves the regulariser S times too weak."""
+    _, device = backend_device
+    x, y = (t.to(device) for t in small_batch())
+    model = small_model().to(device)
+    want, _ = step(model, x, y)
+    S = 2.0**16
+    layers = [m for m in model.modules() if isinstance(m, VCReg)]
+
+    def scaled_step():
+        model.zero_grad(set_to_none=True)
+        (F.cross_entropy(model(x), y) * S).backward()
+        return {n: p.grad / S for n, p in vcreg_kernels.integration._unwrap(model).named_parameters()}
+
+    weak = scaled_step()
+    assert any(not torch.allclose(weak[k], want[k], rtol=1e-3) for k in want), "the regulariser must matter here"
+    for m in layers:
+        m.alpha, m.beta = m.alpha * S, m.beta * S
+    got = scaled_step()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_deterministic_algorithms_give_bitwise_repeatable_gradients(backend_device):
     _, device = backend_device
     previous = torch.are_deterministic_algorithms_enabled()
