@@ -62,6 +62,11 @@ def make_x3(layout, B, d, L, dtype, mean=0.0, device="cpu"):
     return x3.to(dtype)
 
 
+def dtype_id(dtype):
+    """Test ids that name the dtype ("float16"), not its position ("dtype2")."""
+    return str(dtype).removeprefix("torch.")
+
+
 def gamma_between(s):
     """A gamma that splits the hinges' s_j (a float64 tensor) into active and inactive ones, in the
     widest gap between consecutive s_j of the middle half, so no s_j is near the hinge's jump;

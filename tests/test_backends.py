@@ -9,6 +9,7 @@ import torch.autograd.gradcheck  # noqa: F401
 import sys
 
 import vcreg_kernels
+from conftest import dtype_id
 from vcreg_kernels import _layout, dispatch
 
 gradcheck_module = sys.modules["torch.autograd.gradcheck"]
@@ -111,7 +112,7 @@ LAYOUT_CASES = [
 @pytest.mark.parametrize("name,shape,dim,fmt", LAYOUT_CASES, ids=[c[0] for c in LAYOUT_CASES])
 @pytest.mark.parametrize("mean", [0.0, 100.0], ids=["mean0", "mean100"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
-                         ids=lambda t: str(t).split(".")[-1])
+                         ids=dtype_id)
 def test_against_float64_reference(backend_device, name, shape, dim, fmt, mean, dtype):
     _, device = backend_device
     # Spread 1 with mean 100 is "mean 100x the spread" of SPEC section 6.

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from conftest import make_x3, rel_err
+from conftest import dtype_id, make_x3, rel_err
 from vcreg_kernels import _extension
 from vcreg_kernels.reference import (
     accumulate_dtype,
@@ -45,7 +45,7 @@ def bound(torch_err, dtype):
 
 
 @pytest.mark.parametrize("layout,size", SIZES, ids=SIZE_IDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
 @pytest.mark.parametrize("mean", [0.0, 100.0, 1000.0])
 def test_stats_matches_reference(layout, size, dtype, mean):
     x3 = make_x3(layout, *size, dtype, mean)
@@ -67,7 +67,7 @@ def test_stats_matches_reference(layout, size, dtype, mean):
 
 
 @pytest.mark.parametrize("layout,size", SIZES, ids=SIZE_IDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
 @pytest.mark.parametrize("mean", [0.0, 1000.0])
 def test_apply_matches_reference(layout, size, dtype, mean):
     B, d, L = size
@@ -151,7 +151,7 @@ def test_bitwise_repeatable_and_thread_count_independent(layout, size):
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
 def test_outputs_do_not_share_scratch(dtype):
     # The kernels keep per-thread scratch between calls; nothing they return may live in it.
     x_a, x_b = (make_x3("bdl", 4, 9, 33, dtype) for _ in range(2))

@@ -19,7 +19,7 @@ import os
 import pytest
 import torch
 
-from conftest import HAS_GPU, gamma_between, gpu, make_x3, rel_err
+from conftest import HAS_GPU, dtype_id, gamma_between, gpu, make_x3, rel_err
 from vcreg_kernels import _extension, dispatch
 from vcreg_kernels.reference import (
     accumulate_dtype,
@@ -89,7 +89,7 @@ make_x3 = functools.partial(make_x3, device="cuda")
 @gpu
 @needs_cuda_backend
 @pytest.mark.parametrize("layout,size", SIZES + [("rows", (1, 5, 1))], ids=SIZE_IDS + ["rows-n1"])
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("mean", [0.0, 100.0, 1000.0])
 def test_stats_matches_reference(layout, size, dtype, mean):
     x3 = make_x3(layout, *size, dtype, mean)
@@ -113,7 +113,7 @@ def test_stats_matches_reference(layout, size, dtype, mean):
 @gpu
 @needs_cuda_backend
 @pytest.mark.parametrize("layout,size", SIZES, ids=SIZE_IDS)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("mean", [0.0, 1000.0])
 def test_apply_matches_reference(layout, size, dtype, mean):
     B, d, L = size
@@ -140,7 +140,7 @@ def test_apply_matches_reference(layout, size, dtype, mean):
 @pytest.mark.parametrize("layout,size", [("rows", (3000, 96, 1)), ("bdl", (5, 96, 613)), ("bdl", (3, 1, 37)),
                                          ("rows", (50000, 768, 1)), ("bdl", (64, 256, 784))],
                          ids=["rows", "bdl", "bdl-d1", "rows-vit", "bdl-resnet"])
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("mean", [0.0, 100.0, 1000.0])
 @pytest.mark.parametrize("delta,hinges", [(None, "all"), (0.05, "some")])
 def test_backward_kernel_matches_reference(layout, size, dtype, mean, delta, hinges):
@@ -233,7 +233,7 @@ def test_strides_and_mixed_dtypes():
 @gpu
 @needs_cuda_backend
 @pytest.mark.parametrize("layout,size", [("rows", (50000, 257, 1)), ("bdl", (32, 130, 784))])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_bitwise_repeatable(layout, size, dtype, monkeypatch):
     # Older torch refuses cuBLAS under deterministic mode without this (read when mm is called).
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", os.environ.get("CUBLAS_WORKSPACE_CONFIG", ":4096:8"))
@@ -261,7 +261,7 @@ def test_bitwise_repeatable(layout, size, dtype, monkeypatch):
 @gpu
 @needs_cuda_backend
 @pytest.mark.parametrize("layout,size", [("rows", (4096, 96, 1)), ("bdl", (8, 64, 196))])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
 def test_cuda_graph_capture(layout, size, dtype):
     # No host synchronisation and no allocation outside the caching allocator: the three ops
     # capture, and a replay on new data gives the eager result for that data.
@@ -296,7 +296,7 @@ def test_cuda_graph_capture(layout, size, dtype):
 @needs_cuda_backend
 @pytest.mark.parametrize("layout,size", [("rows", (300, 7, 1)), ("bdl", (3, 7, 37))])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_nonfinite_propagates(layout, size, bad, dtype):
     x3 = make_x3(layout, *size, dtype)
     x3[1, 2, 0] = bad

@@ -21,7 +21,7 @@ if [[ $what == tests || $what == all ]]; then
     2>&1 | tee "$OUT/tests.log" | grep -v "^SKIPPED" | tail -30
   for tool in memcheck racecheck; do
     timeout "${SANITIZER_TIMEOUT:-90}" compute-sanitizer --tool $tool --error-exitcode 9 \
-      $PY -m pytest tests/test_cuda.py -q -p no:cacheprovider -k "backward_kernel_matches_reference and None-4.0 and dtype0" \
+      $PY -m pytest tests/test_cuda.py -q -p no:cacheprovider -k "backward_kernel_matches_reference and None-all and float32" \
       > "$OUT/sanitizer-$tool.log" 2>&1
     echo "compute-sanitizer $tool: rc=$? $(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/sanitizer-$tool.log" | tail -2 | tr '\n' ' ')"
   done
