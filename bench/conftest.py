@@ -16,7 +16,12 @@ import os
 import pytest
 import torch
 
-from bench import common
+if not torch.cuda.is_available():
+    # Before anything imports triton: bench/triton_tune.py's smoke runs the kernels in the
+    # interpreter (the report itself never times triton on a CPU).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from bench import common  # noqa: E402
 
 
 def pytest_addoption(parser):

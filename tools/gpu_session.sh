@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One batch of work on a GPU machine (no registry there): versions, build, the whole test suite,
-# compute-sanitizer over the CUDA backend's tests, then the latency report.
+# compute-sanitizer over the CUDA backend's tests, then the latency report; or the Triton sweep.
 #   tools/gpu_session.sh [all|tests|report] [arguments for bench.report]
+#   tools/gpu_session.sh tune [arguments for bench.triton_tune, e.g. --shapes ResNet-50]
 # Logs and results go to $OUT (default /tmp/vcreg_gpu_out).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -25,6 +26,10 @@ if [[ $what == tests || $what == all ]]; then
       > "$OUT/sanitizer-$tool.log" 2>&1
     echo "compute-sanitizer $tool: rc=$? $(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/sanitizer-$tool.log" | tail -2 | tr '\n' ' ')"
   done
+fi
+if [[ $what == tune ]]; then
+  timeout "${TUNE_TIMEOUT:-480}" $PY -m bench.triton_tune --out "$OUT/sweep.md" "$@" > "$OUT/tune.log" 2>&1
+  echo "tune: rc=$?"; tail -60 "$OUT/tune.log"
 fi
 if [[ $what == report || $what == all ]]; then
   timeout "${REPORT_TIMEOUT:-300}" $PY -m bench.report --out "$OUT/report" "$@" > "$OUT/report.log" 2>&1
