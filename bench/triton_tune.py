@@ -39,6 +39,7 @@ if not torch.cuda.is_available():
 
 from vcreg_kernels import _layout  # noqa: E402
 from vcreg_kernels import triton_kernels as tk  # noqa: E402
+from vcreg_kernels.reference import accumulate_dtype  # noqa: E402
 
 from .common import PAPER_SHAPES, LayerShape, make_inputs, time_rounds, warm_up  # noqa: E402
 
@@ -95,7 +96,7 @@ class Sweep:
         self.gy3 = _layout.same_layout(grad, canon, shape.dim % x.dim())
         self.dtype, self.device, self.rounds = dtype, device, rounds
         d = self.x3.shape[1]
-        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        acc = accumulate_dtype(dtype)
         self.G = (torch.randn(d, d, device=device, dtype=acc) * 1e-4).contiguous()
         self.mu = self.x3.to(acc).mean((0, 2))
         # The table's own outputs: what every candidate must reproduce.
@@ -147,7 +148,7 @@ def sweep(shape: LayerShape, dtype: torch.dtype, device: torch.device, rounds: i
                 problems.append(f"{_describe(cfg)}: {note}")
             else:
                 results.append((t, cfg, current_plan))
-        best_t, best_cfg, _ = min(results, key=lambda r: r[0])
+        _, best_cfg, _ = min(results, key=lambda r: r[0])
         for plan in (plans[:2] if smoke else plans):
             values = plan if isinstance(plan, tuple) else (plan,)
             t, note = s.candidate(kernel, best_cfg, **dict(zip(plan_names, values)))
