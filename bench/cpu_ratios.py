@@ -1,35 +1,66 @@
-"""The `cpu` backend against its two yardsticks (issue #2), float32, one layer, forward+backward.
+"""The `cpu` backend against its yardsticks, float32, one layer's forward+backward, interleaved.
 
-For each shape, in the same run and interleaved round by round, the median time of
+For each shape (SPEC section 7's activations at batch 4 and 16), in the same run and interleaved
+round by round, the time of
 
-* ours:  ``y = torch.ops.vcreg.fused(x, ...)`` then ``y.backward(grad_y)`` on the cpu backend;
+* ours:  ``y = torch.ops.vcreg.fused(x, ...)`` then ``y.backward(grad_y)`` (the backend forced);
+* eager: the same exact gradient written the obvious way in eager PyTorch, an identity
+  ``torch.autograd.Function`` whose backward moves the feature axis last, flattens, demeans and
+  forms ``C = Xc.T @ Xc / (n - 1)``, G (``reference.gradient_matrix``) and ``grad_y + Xc @ G``;
 * naive: ``vcreg_loss(x, ...)`` added to the loss and backpropagated (x's gradient is then
   grad_y + d(loss)/dx, as ours);
 * blas:  the two products the backward cannot avoid, ``X^T X`` and ``X @ G`` by ``torch.mm``
-  on an already flattened contiguous copy X (n x d) of x;
+  on an already flattened contiguous copy X (n x d) of x: the floor;
 
-and the ratios ours/naive (target <= 0.6) and ours/blas (target <= 1.3). On a shared machine,
-where other processes steal cores now and then, the ratios of the minimum times (also printed)
-are the steadier estimate of the uncontended ones.
+and the ratios of the medians ours/eager (target <= 1), ours/blas (target <= 1.3) and ours/naive.
+bench/report.py prints them with p20 and p80 beside each median.
 
-    .venv/bin/python bench/cpu_ratios.py [--reps 30] [--threads N]
+    .venv/bin/python -m bench.cpu_ratios [--reps 20] [--threads N] [--batch 4 16]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
+from typing import Callable
 
 import torch
 
 import vcreg_kernels
 from vcreg_kernels import dispatch
+from vcreg_kernels.reference import gradient_matrix
 
-SHAPES = [((8, 96, 56, 56), 1), ((32, 50, 768), -1), ((16, 384, 14, 14), 1)]
-ALPHA, BETA = 0.16, 0.01
+from .common import ALPHA, BETA, EPS, PAPER_SHAPES, LayerShape
+
+BATCHES = (4, 16)
+SHAPES: tuple[LayerShape, ...] = tuple(s.with_batch(b) for b in BATCHES for s in PAPER_SHAPES)
+SMOKE_SHAPES: tuple[LayerShape, ...] = (LayerShape("tokens", (2, 10, 48), -1), LayerShape("NCHW", (2, 16, 8, 8), 1))
+CASES = ("ours", "eager", "naive", "blas")
 
 
-def _timer(fn):
+class EagerVCReg(torch.autograd.Function):
+    """Identity forward; the backward adds SPEC section 2's exact gradient, in plain eager ops."""
+
+    @staticmethod
+    def forward(ctx, x, dim):
+        ctx.save_for_backward(x)
+        ctx.dim = dim
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (x,) = ctx.saved_tensors
+        moved = x.movedim(ctx.dim, -1)
+        X = moved.reshape(-1, moved.shape[-1])
+        n = X.shape[0]
+        Xc = X - X.mean(0)
+        C = Xc.T @ Xc / (n - 1)
+        G, _ = gradient_matrix(C, n, ALPHA, BETA, EPS, 1.0, None)
+        return grad_y + (Xc @ G).view(moved.shape).movedim(-1, ctx.dim), None
+
+
+def _timer(fn: Callable[[], None]) -> Callable[[], float]:
     def run() -> float:
         t0 = time.perf_counter()
         fn()
@@ -38,55 +69,91 @@ def _timer(fn):
     return run
 
 
-def measure(shape, dim, reps: int) -> dict[str, list[float]]:
-    x = torch.randn(shape).requires_grad_()
-    grad_y = torch.randn(shape)
-    d = shape[dim]
+def measure(shape: LayerShape, reps: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds of each of ``reps`` interleaved rounds of ``CASES`` at ``shape`` (float32, CPU),
+    on the backend currently chosen (``vcreg_kernels.set_backend``)."""
+    dim = shape.dim
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape.shape, generator=g).requires_grad_()
+    grad_y = torch.randn(shape.shape, generator=g)
+    d = shape.shape[dim]
     X = x.detach().movedim(dim, -1).reshape(-1, d).contiguous()
-    G = torch.randn(d, d)
+    G = torch.randn(d, d, generator=g)
     G = G + G.T
 
     def ours():
         x.grad = None
-        torch.ops.vcreg.fused(x, ALPHA, BETA, dim=dim).backward(grad_y)
+        torch.ops.vcreg.fused(x, ALPHA, BETA, EPS, dim=dim).backward(grad_y)
+
+    def eager():
+        x.grad = None
+        EagerVCReg.apply(x, dim % x.dim()).backward(grad_y)
 
     def naive():
         x.grad = None
-        loss = vcreg_kernels.vcreg_loss(x, ALPHA, BETA, dim=dim)
+        loss = vcreg_kernels.vcreg_loss(x, ALPHA, BETA, EPS, dim=dim)
         torch.autograd.backward([x.view_as(x), loss], [grad_y, None])
 
     def blas():
         torch.mm(X.T, X)
         torch.mm(X, G)
 
-    cases = {"ours": _timer(ours), "naive": _timer(naive), "blas": _timer(blas)}
+    cases = {"ours": _timer(ours), "eager": _timer(eager), "naive": _timer(naive), "blas": _timer(blas)}
     times: dict[str, list[float]] = {k: [] for k in cases}
-    for run in cases.values():  # warm-up
-        run()
-        run()
+    for run in cases.values():
+        for _ in range(warmup):
+            run()
     for _ in range(reps):
         for name, run in cases.items():
             times[name].append(run())
     return times
 
 
+def quantile(values: list[float], q: float) -> float:
+    """The q-quantile (0..1) of ``values``, linearly interpolated (p20: q = 0.2)."""
+    s = sorted(values)
+    pos = q * (len(s) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def summary(times: dict[str, list[float]]) -> dict:
+    """Median, p20 and p80 of each case, and the ratios of the medians."""
+    out: dict = {}
+    for k, v in times.items():
+        out[k] = dict(median_s=statistics.median(v), p20_s=quantile(v, 0.2), p80_s=quantile(v, 0.8))
+    med = {k: out[k]["median_s"] for k in times}
+    out["ours_over_eager"] = med["ours"] / med["eager"]
+    out["ours_over_naive"] = med["ours"] / med["naive"]
+    out["ours_over_blas"] = med["ours"] / med["blas"]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--batch", type=int, nargs="+", default=list(BATCHES))
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     dispatch.set_backend("cpu")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.reps} interleaved rounds")
-    print(f"{'shape':>20} {'dim':>4} {'stat':>6} {'ours ms':>8} {'naive ms':>9} {'blas ms':>8} "
-          f"{'ours/naive':>10} {'ours/blas':>9}")
-    for shape, dim in SHAPES:
-        times = measure(shape, dim, args.reps)
-        for stat, fn in (("median", statistics.median), ("min", min)):
-            t = {k: fn(v) for k, v in times.items()}
-            print(f"{str(shape):>20} {dim:>4} {stat:>6} {t['ours'] * 1e3:8.2f} {t['naive'] * 1e3:9.2f} "
-                  f"{t['blas'] * 1e3:8.2f} {t['ours'] / t['naive']:10.2f} {t['ours'] / t['blas']:9.2f}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.reps} interleaved rounds, "
+          f"load average {os.getloadavg()[0]:.2f} at the start; median [p20, p80] in ms")
+    print(f"{'shape':>34} {'ours':>22} {'eager':>22} {'blas':>22} {'naive':>10} "
+          f"{'ours/eager':>10} {'ours/blas':>9} {'ours/naive':>10}")
+    for shape in (s.with_batch(b) for b in args.batch for s in PAPER_SHAPES):
+        s = summary(measure(shape, args.reps))
+
+        def cell(k: str) -> str:
+            c = s[k]
+            return f"{c['median_s'] * 1e3:.2f} [{c['p20_s'] * 1e3:.2f}, {c['p80_s'] * 1e3:.2f}]"
+
+        print(f"{shape.name + ' ' + str(shape.shape):>34} {cell('ours'):>22} {cell('eager'):>22} {cell('blas'):>22} "
+              f"{s['naive']['median_s'] * 1e3:10.2f} {s['ours_over_eager']:10.2f} {s['ours_over_blas']:9.2f} "
+              f"{s['ours_over_naive']:10.2f}")
+    print(f"load average {os.getloadavg()[0]:.2f} at the end")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import datetime as _dt  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -84,6 +85,12 @@ def _fmt_time(seconds: Optional[float]) -> str:
     if seconds >= 1e-3:
         return f"{seconds * 1e3:.3g} ms"
     return f"{seconds * 1e6:.3g} us"
+
+
+def _fmt_spread(stats: dict) -> str:
+    """``median [p20, p80]`` of a row's times."""
+    return (f"{_fmt_time(stats['median_s'])} [{_fmt_time(stats['p20_s'])}, "
+            f"{_fmt_time(stats['p80_s'])}]")
 
 
 def _fmt(value: Optional[float], spec: str = ".2f") -> str:
@@ -217,20 +224,24 @@ def cpu_ratio_reps(size: Size) -> int:
     return max(size.min_rounds, min(30, size.max_rounds // 2))
 
 
+def cpu_ratio_shapes(size: Size) -> tuple[LayerShape, ...]:
+    return cpu_ratios.SMOKE_SHAPES if size.name == "smoke" else cpu_ratios.SHAPES
+
+
 def run_cpu_ratios(size: Size, progress: Progress) -> list[dict]:
-    """Issue #2 on the CPU, by bench/cpu_ratios.py's own measurement (the cpu kernel's yardsticks:
-    ours/naive and ours/BLAS, forward+backward, float32, interleaved), for each of our CPU backends."""
+    """bench/cpu_ratios.py's interleaved measurement (ours, the eager autograd.Function, naive and
+    the BLAS floor; forward+backward, float32) for each of our CPU backends."""
     rows = []
-    for shape, dim in cpu_ratios.SHAPES:
+    for shape in cpu_ratio_shapes(size):
         for backend in benchmarked_backends(torch.device("cpu")):
-            progress.step(f"cpu-ratio {tuple(shape)} dim={dim} ours: {backend} vs naive vs BLAS")
-            row = dict(shape=list(shape), dim=dim, dtype="float32", backend=backend, error=None)
+            progress.step(f"cpu-ratio {shape.label} ours: {backend} vs eager vs naive vs BLAS")
+            row = dict(shape_name=shape.name, shape=list(shape.shape), dim=shape.dim, dtype="float32",
+                       backend=backend, error=None)
             try:
                 with forced_backend(backend):
-                    t = cpu_ratios.measure(shape, dim, cpu_ratio_reps(size))
-                row.update(ours_s=t["ours"], naive_s=t["naive"], blas_s=t["blas"],
-                           ours_over_naive=t["ours"] / t["naive"], ours_over_blas=t["ours"] / t["blas"])
-                progress.result(f"ours/naive {row['ours_over_naive']:.2f}, ours/BLAS {row['ours_over_blas']:.2f}")
+                    times = cpu_ratios.measure(shape, cpu_ratio_reps(size), warmup=min(2, size.warmup + 1))
+                row.update(times_s=times, **cpu_ratios.summary(times))
+                progress.result(f"ours/eager {row['ours_over_eager']:.2f}, ours/BLAS {row['ours_over_blas']:.2f}")
             except Exception as e:  # noqa: BLE001
                 row["error"] = _error_text(e)
                 progress.result("ERROR " + row["error"])
@@ -373,24 +384,27 @@ def to_markdown(report: dict) -> str:
     ratios = report["cpu_ratios"]
     if ratios:
         lines += [
-            "## CPU ratios (issue #2), float32",
+            "## CPU: ours against eager PyTorch and the BLAS floor, float32",
             "",
-            "bench/cpu_ratios.py's measurement, median of "
-            f"{meta['cpu_ratio_reps']} interleaved rounds: ours and naive are one layer's forward+backward "
-            "(as in the layer table); BLAS is `torch.mm(X.T, X)` + `torch.mm(X, G)` on an (n, d) contiguous "
-            "copy of X made beforehand, the two products the backward cannot avoid. Targets of issue #2: "
-            "ours/naive <= 0.6, ours/BLAS <= 1.3 (for the cpu backend).",
+            f"bench/cpu_ratios.py, {meta['cpu_ratio_reps']} interleaved rounds, median [p20, p80]: ours and naive "
+            "are one layer's forward+backward as in the layer table; eager is an identity autograd.Function whose "
+            "backward computes the same exact gradient in plain eager ops (movedim, demean, `Xc.T @ Xc`, G, "
+            "`Xc @ G`); BLAS is `torch.mm(X.T, X)` + `torch.mm(X, G)` on an (n, d) contiguous copy of X made "
+            "beforehand, the two products the backward cannot avoid. Targets for the cpu backend: "
+            "ours/eager <= 1, ours/BLAS <= 1.3.",
             "",
-            "| shape | dim | backend | ours | naive | BLAS pair | ours/naive | ours/BLAS |",
-            "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+            "| shape | n | backend | ours | eager | BLAS pair | naive | ours/eager | ours/BLAS | ours/naive |",
+            "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for r in ratios:
+            shape = f"{r['shape_name']} {tuple(r['shape'])}"
+            n = math.prod(r["shape"]) // r["shape"][r["dim"]]
             if r["error"]:
-                lines.append(f"| {tuple(r['shape'])} | {r['dim']} | {r['backend']} | {r['error']} | | | | |")
+                lines.append(f"| {shape} | {n} | {r['backend']} | {r['error']} | | | | | | |")
                 continue
-            lines.append(f"| {tuple(r['shape'])} | {r['dim']} | {r['backend']} | {_fmt_time(r['ours_s'])} | "
-                         f"{_fmt_time(r['naive_s'])} | {_fmt_time(r['blas_s'])} | {r['ours_over_naive']:.2f} | "
-                         f"{r['ours_over_blas']:.2f} |")
+            lines.append(f"| {shape} | {n} | {r['backend']} | {_fmt_spread(r['ours'])} | {_fmt_spread(r['eager'])} | "
+                         f"{_fmt_spread(r['blas'])} | {_fmt_time(r['naive']['median_s'])} | "
+                         f"{r['ours_over_eager']:.2f} | {r['ours_over_blas']:.2f} | {r['ours_over_naive']:.2f} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -518,7 +532,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     n_layer = 0 if args.no_layer else sum(len(k) for *_, k in layer_plan(size, device))
     n_net = 0 if args.no_network else len(NETWORKS) * len(network_impl_keys(device))
-    n_cpu = 0 if args.no_cpu_ratios else len(cpu_ratios.SHAPES) * len(benchmarked_backends(torch.device("cpu")))
+    n_cpu = 0 if args.no_cpu_ratios else len(cpu_ratio_shapes(size)) * len(benchmarked_backends(torch.device("cpu")))
     progress = Progress(n_layer + n_net + n_cpu)
 
     layer_rows = [] if args.no_layer else run_layer_level(size, device, copy_bw, auto, progress)
