@@ -69,6 +69,59 @@ def _resolve(key: str) -> Optional["dist.ProcessGroup"]:
     return dist.group.WORLD if key == WORLD else _GROUPS[key]
 
 
+def process_group(key: str) -> tuple[Optional["dist.ProcessGroup"], int]:
+    """(the group of ``key``, or None where no collective is needed, and the group's size W)."""
+    pg = _resolve(key)
+    world = 1 if pg is None else dist.get_world_size(pg)
+    return (None if world == 1 else pg), world
+
+
+def merge_statistics(
+    pg: Optional["dist.ProcessGroup"],
+    n_local: int,
+    blocks: list[tuple[torch.Tensor, torch.Tensor]],
+    too_few: Callable[[int], str],
+    extra: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]], Optional[torch.Tensor]]:
+    """The two all-reduces of the module docstring, for one or more blocks of statistics of this rank's rows.
+
+    ``blocks``: [(mu_r, M2_r)] of the same n_local rows (one per feature block: a layer has one,
+    the VICReg loss one per branch), in the accumulate dtype; each M2_r is overwritten in place with
+    the whole group's M2 (no other d x d tensor). ``extra``: numbers summed over the group in the
+    first round (float64). ``pg`` None: this rank's batch alone, no collective. Raises ValueError
+    with ``too_few(n)`` when the group holds fewer than 2 rows, on every rank alike (module docstring).
+
+    Returns (n: 0-dim float64 device tensor, [(mu, M2)] of the group's batch, the summed extra).
+    """
+    mu0 = blocks[0][0]
+    parts = [mu0.new_full((1,), n_local, dtype=torch.float64)]
+    parts += [mu_r.double() * n_local for mu_r, _ in blocks]
+    if extra is not None:
+        parts.append(extra.double().reshape(-1))
+    head = torch.cat(parts)
+    if pg is not None:
+        dist.all_reduce(head, group=pg)
+    if n_local < 2:  # only here may the group's n be < 2: read it (a host sync) and check
+        n_global = int(head[0].item())
+        if n_global < 2:
+            raise ValueError(too_few(n_global))
+    n = head[0]
+    merged = []
+    offset = 1
+    for mu_r, m2_r in blocks:
+        d = mu_r.numel()
+        mu = (head[offset:offset + d] / n).to(mu_r.dtype)
+        offset += d
+        dev = mu_r - mu
+        m2_r.addr_(dev, dev, alpha=n_local)  # about the global mean: every rank's share is PSD
+        merged.append((mu, m2_r))
+    if pg is not None:
+        works = [dist.all_reduce(m2, group=pg, async_op=True) for _, m2 in merged]
+        for w in works:
+            w.wait()
+    return n, merged, (head[offset:] if extra is not None else None)
+
+
 def vcreg_backward_sync(
     gy3: torch.Tensor,
     x3: torch.Tensor,
@@ -86,10 +139,7 @@ def vcreg_backward_sync(
 
     ``stats`` and ``apply`` are the backend's halves (``dispatch``); ``group`` a ``group_key``.
     """
-    pg = _resolve(group)
-    world = 1 if pg is None else dist.get_world_size(pg)
-    if world == 1:
-        pg = None
+    pg, world = process_group(group)
     B, d, L = x3.shape
     n_local = B * L
     tiny = n_local < 2
@@ -100,22 +150,11 @@ def vcreg_backward_sync(
     else:
         mu_r, m2_r = (vcreg_stats_reference if tiny else stats)(x3)
 
-    head = torch.cat([mu_r.new_full((1,), n_local, dtype=torch.float64), mu_r.double() * n_local])
-    if pg is not None:
-        dist.all_reduce(head, group=pg)
-    if tiny:
-        n_global = int(head[0].item())
-        if n_global < 2:
-            raise ValueError(
-                f"vcreg: needs at least 2 samples over the process group, got n = {n_global} in all "
-                f"(this rank's x: shape {tuple(x3.shape)} as (B, d, L), n = {n_local}, on {world} ranks)"
-            )
-    n = head[0]
-    mu = (head[1:] / n).to(acc)
-    dev = mu_r - mu
-    m2 = m2_r + torch.outer(dev, dev * n_local)
-    if pg is not None:
-        dist.all_reduce(m2, group=pg)
+    def too_few(n_global: int) -> str:
+        return (f"vcreg: needs at least 2 samples over the process group, got n = {n_global} in all "
+                f"(this rank's x: shape {tuple(x3.shape)} as (B, d, L), n = {n_local}, on {world} ranks)")
+
+    n, [(mu, m2)], _ = merge_statistics(pg, n_local, [(mu_r, m2_r)], too_few)
     n_acc = n.to(acc)  # a 0-dim device tensor: gradient_matrix takes it like an int, no host sync
     G, terms = gradient_matrix(m2 / (n_acc - 1), n_acc, alpha, beta, eps, gamma, delta)
     if world != 1:
