@@ -46,3 +46,43 @@ def check_args(
     if not math.isfinite(gamma):
         raise ValueError(f"vcreg: gamma must be finite, got {gamma}")
     return dim
+
+
+def check_vicreg_args(
+    z_a: torch.Tensor,
+    z_b: torch.Tensor,
+    sim_coeff: float,
+    std_coeff: float,
+    cov_coeff: float,
+    eps: float,
+    gamma: float,
+    *,
+    min_samples: int = 2,
+) -> None:
+    """Validate the VICReg loss's arguments (SPEC sections 5 and 9): two floating branches of one
+    shape (..., d), n >= 2 samples (``min_samples=0`` in the cross-rank mode, where only the
+    group's n must reach 2: checked in the forward, identically on every rank)."""
+    if not (z_a.is_floating_point() and z_b.is_floating_point()):
+        raise TypeError(f"vicreg_loss: z_a and z_b must be floating-point tensors, got {z_a.dtype} and {z_b.dtype}")
+    if z_a.shape != z_b.shape:
+        raise ValueError(f"vicreg_loss: the two branches must have the same shape, got z_a of shape "
+                         f"{tuple(z_a.shape)} and z_b of shape {tuple(z_b.shape)}")
+    if z_a.dtype != z_b.dtype:
+        raise TypeError(f"vicreg_loss: the two branches must have the same dtype, got {z_a.dtype} and {z_b.dtype}")
+    if z_a.device != z_b.device:
+        raise ValueError(f"vicreg_loss: the two branches must be on one device, got {z_a.device} and {z_b.device}")
+    shape = tuple(z_a.shape)
+    d = z_a.size(-1)  # IndexError for a 0-dim tensor, with torch's own message
+    if d == 0:
+        raise ValueError(f"vicreg_loss: the feature dimension (the last) of z_a and z_b with shape {shape} is empty (d = 0)")
+    n = math.prod(shape) // d
+    if n < min_samples:
+        raise ValueError(f"vicreg_loss: needs at least 2 samples, got n = {n} for z_a and z_b of shape {shape} "
+                         "(every dimension but the last is a sample dimension)")
+    if not eps > 0:
+        raise ValueError(f"vicreg_loss: eps must be > 0, got {eps}")
+    for name, value in (("sim_coeff", sim_coeff), ("std_coeff", std_coeff), ("cov_coeff", cov_coeff)):
+        if not value >= 0:
+            raise ValueError(f"vicreg_loss: {name} must be >= 0, got {value}")
+    if not math.isfinite(gamma):
+        raise ValueError(f"vicreg_loss: gamma must be finite, got {gamma}")

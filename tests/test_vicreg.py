@@ -1,0 +1,336 @@
+"""The VICReg loss (SPEC section 9) on every backend available here, against plain autograd of its formula.
+
+The formula is ``reference.vicreg_loss_reference`` (section 9 in plain PyTorch); each backend runs
+``vicreg.pair_kernels(backend)``: the reference backend its fused pair kernels, the others their
+halves composed. Errors are relative Frobenius norms of a branch's gradient against float64 plain
+autograd, bounded as STYLE.md asks: a small multiple of the error plain PyTorch makes at the same
+dtype (facebookresearch/vicreg's formula run in that dtype) plus a floor, and by SPEC section 6's
+bound for that dtype.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import vcreg_kernels
+from conftest import dtype_id
+from vcreg_kernels import dispatch, reference, vicreg
+from vcreg_kernels.reference import vicreg_loss_reference
+
+COEFFS = dict(sim_coeff=20.0, std_coeff=30.0, cov_coeff=2.0)
+SECTION6 = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+MULTIPLE = 4  # allowed multiple of plain PyTorch's own error at the same dtype
+
+
+def make_pair(shape, dtype=torch.float64, mean=0.0, gap=0.5):
+    """Two views z_a, z_b = z_a + noise: correlated features of standard deviation 0.4 or 2.5 (half
+    the hinges active at gamma = 1.5), mean ``mean``; ``gap`` sets the invariance part's size."""
+    d = shape[-1]
+    A = torch.eye(d, dtype=torch.float64) + torch.randn(d, d, dtype=torch.float64) / d**0.5
+    scales = torch.where(torch.rand(d) < 0.5, 0.4, 2.5).double()
+    z = torch.randn(shape, dtype=torch.float64) @ A
+    flat = z.reshape(-1, d)
+    z_a = (z - flat.mean(0)) / flat.std(0).clamp_min(1e-3) * scales + mean if flat.shape[0] > 1 else z + mean
+    z_b = z_a + gap * torch.randn(shape, dtype=torch.float64) * scales
+    return z_a.to(dtype), z_b.to(dtype)
+
+
+def mean_rounding(z):
+    """2^-24 |mu| / std, largest over the features: what rounding mu to float32 costs a centred row,
+    the error SPEC section 2 allows the apply (float32 mu) at any input dtype but float64."""
+    flat = z.double().reshape(-1, z.shape[-1])
+    return 2.0**-24 * (flat.mean(0).abs() / flat.std(0)).max().item()
+
+
+def grads(loss_fn, z_a, z_b, **kw):
+    """(loss, grad_z_a, grad_z_b) of ``loss_fn(z_a, z_b, **kw)``."""
+    a, b = z_a.detach().requires_grad_(), z_b.detach().requires_grad_()
+    loss = loss_fn(a, b, **kw)
+    ga, gb = torch.autograd.grad(loss, (a, b))
+    return loss.detach(), ga, gb
+
+
+def rel(a, ref):
+    return ((a.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def facebook_loss(x, y, sim_coeff, std_coeff, cov_coeff, eps=1e-4, gamma=1.0):
+    """facebookresearch/vicreg's main_vicreg.py formula, plain PyTorch in the inputs' own dtype: the
+    yardstick for what a dtype costs."""
+    n, d = x.reshape(-1, x.shape[-1]).shape
+    x, y = x.reshape(n, d), y.reshape(n, d)
+    repr_loss = F.mse_loss(x, y)
+    x = x - x.mean(dim=0)
+    y = y - y.mean(dim=0)
+    std_x = torch.sqrt(x.var(dim=0) + eps)
+    std_y = torch.sqrt(y.var(dim=0) + eps)
+    std_loss = torch.mean(F.relu(gamma - std_x)) / 2 + torch.mean(F.relu(gamma - std_y)) / 2
+    cov_x = (x.T @ x) / (n - 1)
+    cov_y = (y.T @ y) / (n - 1)
+    off = ~torch.eye(d, dtype=torch.bool)
+    cov_loss = cov_x[off].pow(2).sum() / d + cov_y[off].pow(2).sum() / d
+    return sim_coeff * repr_loss + std_coeff * std_loss + cov_coeff * cov_loss
+
+
+# --- float64: exact gradients ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (2, 3, 4), (2, 3), (5, 1)], ids=["n6-d4", "lead2x3-d4", "n2", "d1"])
+def test_gradcheck_float64(backend_device, shape):
+    z_a, z_b = make_pair(shape)
+    a, b = z_a.requires_grad_(), z_b.requires_grad_()
+    # fast_mode (random projections of the Jacobian): a few forward calls instead of one per
+    # element, which the Triton interpreter makes slow; the full gradients are compared below.
+    assert torch.autograd.gradcheck(lambda a, b: vcreg_kernels.vicreg_loss(a, b, gamma=1.5, **COEFFS), (a, b),
+                                    fast_mode=True)
+
+
+@pytest.mark.parametrize("mean", [0.0, 100.0], ids=["mean0", "mean100"])
+@pytest.mark.parametrize("shape", [(40, 12), (3, 8, 9)], ids=["n40-d12", "lead3x8-d9"])
+def test_float64_matches_plain_autograd(backend_device, shape, mean):
+    z_a, z_b = make_pair(shape, mean=mean)
+    loss, ga, gb = grads(vcreg_kernels.vicreg_loss, z_a, z_b, gamma=1.5, **COEFFS)
+    want, wa, wb = grads(vicreg_loss_reference, z_a, z_b, gamma=1.5, **COEFFS)
+    assert loss.dtype == torch.float64 and ga.shape == z_a.shape and gb.shape == z_b.shape
+    assert abs(loss.item() - want.item()) <= 1e-12 * want.item()
+    assert rel(ga, wa) < 1e-9 and rel(gb, wb) < 1e-9
+    # facebookresearch/vicreg's own formula is the same loss
+    assert abs(facebook_loss(z_a, z_b, gamma=1.5, **COEFFS).item() - want.item()) <= 1e-12 * want.item()
+
+
+def test_strided_branches(backend_device):
+    """A non-contiguous z_b (and z_a): the same gradients, in each branch's own layout."""
+    z_a, z_b = make_pair((9, 20))
+    z_a, z_b = z_a.T.contiguous().T, z_b[:, ::2]  # column-major; every other column of a wider one
+    z_a = z_a[:, :10]
+    loss, ga, gb = grads(vcreg_kernels.vicreg_loss, z_a, z_b)
+    want, wa, wb = grads(vicreg_loss_reference, z_a, z_b)
+    assert rel(ga, wa) < 1e-9 and rel(gb, wb) < 1e-9
+    assert ga.stride() == torch.empty_like(z_a).stride()
+
+
+def test_composed_halves_equal_the_fused_pair_kernels():
+    """The default for a backend without fused pair kernels (its halves composed), run on the
+    reference halves, against the reference's fused pair kernels."""
+    composed = vicreg.composed_pair_kernels(*dispatch._HALVES["reference"])
+    fused = vicreg.pair_kernels("reference")
+    assert fused is vicreg.FUSED_PAIR_KERNELS["reference"]
+    z_a, z_b = (z.view(5, 8, 12).permute(0, 2, 1) for z in make_pair((40, 12), mean=3.0))  # (B, d, L)
+    want = fused.stats(z_a, z_b)
+    got = composed.stats(z_a, z_b)
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    G = [torch.randn(12, 12, dtype=torch.float64) for _ in range(2)]
+    args = (torch.tensor(3.0, dtype=torch.float64), z_a, z_b, G[0], want[0], G[1], want[2],
+            torch.tensor(0.7, dtype=torch.float64))
+    for w, g in zip(fused.apply(*args), composed.apply(*args)):
+        assert g.stride() == w.stride() == z_a.stride()
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+# --- float32, bfloat16, float16: SPEC section 6's bounds at |mu|/std = 100 --------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("sim_coeff", [25.0, 0.0], ids=["all-terms", "var-cov-only"])
+def test_low_precision_mean100(backend_device, dtype, sim_coeff):
+    coeffs = dict(sim_coeff=sim_coeff, std_coeff=25.0, cov_coeff=1.0)
+    z_a, z_b = make_pair((4, 24, 32), dtype=dtype, mean=100.0)
+    loss, ga, gb = grads(vcreg_kernels.vicreg_loss, z_a, z_b, gamma=1.5, **coeffs)
+    want, wa, wb = grads(vicreg_loss_reference, z_a.double(), z_b.double(), gamma=1.5, **coeffs)
+    _, pa, pb = grads(facebook_loss, z_a, z_b, gamma=1.5, **coeffs)  # plain PyTorch in this dtype
+    assert ga.dtype == gb.dtype == dtype
+    assert loss.dtype == torch.float32, "statistics and value in float32 for 16-bit input"
+    assert abs(loss.item() - want.item()) <= SECTION6[dtype] * want.item()
+    for z, got, plain, w in ((z_a, ga, pa, wa), (z_b, gb, pb, wb)):
+        # Floors: rounding the gradient to the dtype (no kernel does better), and the float32 mu.
+        floor = rel(w.to(dtype), w) + mean_rounding(z)
+        err = rel(got, w)
+        assert err < SECTION6[dtype] + floor, f"relative error {err:.3g} over SPEC section 6's bound"
+        assert err < MULTIPLE * (rel(plain, w) + floor), f"{err:.3g} against plain PyTorch's {rel(plain, w):.3g}"
+
+
+def test_float16_with_a_loss_scale(backend_device):
+    """float16 gradients under a GradScaler's 2^16: the ~1/(n d) parts must not underflow before
+    the scale multiplies them."""
+    z_a, z_b = make_pair((64, 48), dtype=torch.float16, mean=2.0)
+    S = 2.0**16
+    scaled = lambda a, b: vcreg_kernels.vicreg_loss(a, b, gamma=1.5) * S  # noqa: E731
+    _, ga, gb = grads(scaled, z_a, z_b)
+    _, wa, wb = grads(lambda a, b: vicreg_loss_reference(a, b, gamma=1.5) * S, z_a.double(), z_b.double())
+    assert ga.dtype == torch.float16
+    for got, w in ((ga, wa), (gb, wb)):
+        assert rel(got, w) < SECTION6[torch.float16] + rel(w.half(), w)
+
+
+@pytest.mark.parametrize("backward_in_autocast", [False, True])
+def test_autocast_bfloat16(backend_device, backward_in_autocast):
+    """Under CPU autocast: the embeddings stay bf16, their gradients are bf16, the statistics float32."""
+    proj = nn.Linear(16, 32)
+    x_a, x_b = torch.randn(256, 16), torch.randn(256, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z_a, z_b = proj(x_a) + 3.0, proj(x_b) + 3.0
+        assert z_a.dtype == torch.bfloat16
+        a, b = z_a.detach().requires_grad_(), z_b.detach().requires_grad_()
+        module = vcreg_kernels.VICRegLoss(gamma=1.5)
+        loss = module(a, b)
+        if backward_in_autocast:
+            ga, gb = torch.autograd.grad(loss, (a, b))
+    if not backward_in_autocast:
+        ga, gb = torch.autograd.grad(loss, (a, b))
+    assert loss.dtype == torch.float32 and ga.dtype == gb.dtype == torch.bfloat16
+    want, wa, wb = grads(vicreg_loss_reference, a.double(), b.double(), gamma=1.5)
+    for got, w in ((ga, wa), (gb, wb)):
+        assert rel(got, w) < 2e-2 + rel(w.bfloat16(), w)
+    # float32 statistics: a bf16 accumulation would be off by ~1e-2
+    torch.testing.assert_close(module.terms.double(), reference.vicreg_terms_of(a.double(), b.double(), gamma=1.5),
+                               rtol=1e-4, atol=1e-7)
+    assert abs(loss.item() - want.item()) <= 1e-4 * want.item()
+
+
+# --- the module, the terms, torch.compile -----------------------------------------------------
+
+
+def test_terms():
+    module = vcreg_kernels.VICRegLoss(**COEFFS, gamma=1.5)
+    assert torch.isnan(module.terms).all() and "terms" not in module.state_dict()
+    assert module.to(torch.bfloat16).terms.dtype == torch.float32
+    buffer = module.terms
+    z_a, z_b = make_pair((30, 10), dtype=torch.float32, mean=5.0)
+    loss = module(z_a, z_b)
+    want = reference.vicreg_terms_of(z_a.double(), z_b.double(), gamma=1.5)
+    assert module.terms is buffer, "written in place: a reference taken once stays current"
+    torch.testing.assert_close(module.terms.double(), want, rtol=1e-5, atol=1e-7)
+    weights = torch.tensor([COEFFS["sim_coeff"], COEFFS["std_coeff"], COEFFS["cov_coeff"]])
+    torch.testing.assert_close(loss, (weights * module.terms).sum(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(vcreg_kernels.vicreg_terms(z_a, z_b, gamma=1.5), module.terms, rtol=1e-6, atol=0)
+    assert "sim_coeff=20.0" in repr(module)
+
+
+class TwoViews(nn.Module):
+    """An encoder and projector applied to two views, and the loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(6, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 24))
+        self.loss = vcreg_kernels.VICRegLoss(gamma=1.5)
+
+    def forward(self, x_a, x_b):
+        return self.loss(self.encoder(x_a), self.encoder(x_b))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = TwoViews()
+    compiled_model = TwoViews()
+    compiled_model.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_model, fullgraph=True)
+    x_a, x_b = torch.randn(32, 6), torch.randn(32, 6)
+
+    def step(model, params):
+        for p in params:
+            p.grad = None
+        loss = model(x_a, x_b)
+        loss.backward()
+        return loss.detach(), [p.grad for p in params]
+
+    want, want_grads = step(eager, list(eager.parameters()))
+    got, got_grads = step(compiled, list(compiled_model.parameters()))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+    # Relative to all gradients at once: some entries (the last bias's) are exactly 0 in the math,
+    # as the loss does not change when both branches move together.
+    scale = torch.cat([g.flatten() for g in want_grads]).norm()
+    assert all((g - w).norm() < 1e-5 * scale for g, w in zip(got_grads, want_grads))
+    torch.testing.assert_close(compiled_model.loss.terms, eager.loss.terms, rtol=1e-5, atol=1e-7)
+
+
+def test_opcheck():
+    z_a, z_b = make_pair((8, 5), dtype=torch.float32)
+    torch.library.opcheck(torch.ops.vcreg.vicreg_forward.default, (z_a, z_b, 25.0, 25.0, 1.0, 1e-4, 1.0, None))
+    out = torch.ops.vcreg.vicreg_forward(z_a, z_b, 25.0, 25.0, 1.0, 1e-4, 1.0, None)
+    torch.library.opcheck(torch.ops.vcreg.vicreg_backward.default, (torch.tensor(2.0), z_a, z_b, *out[2:]))
+
+
+# --- memory: d x d is G per branch, nothing else ----------------------------------------------
+
+
+def _peak_bytes(fn):
+    """Peak bytes allocated by torch's CPU allocator during ``fn()``, above what was allocated before."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    records = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    running = peak = 0
+    for _, nbytes in records:
+        running += nbytes
+        peak = max(peak, running)
+    return peak
+
+
+@pytest.mark.parametrize("backend", [b for b in ("reference", "cpu") if b in dispatch.available_backends("cpu")])
+def test_dxd_memory_is_G_per_branch(backend):
+    n, d = 16, 512  # d x d float32: 1 MiB; n x d: 32 KiB
+    z_a, z_b = (z.requires_grad_() for z in make_pair((n, d), dtype=torch.float32))
+    vcreg_kernels.set_backend(backend)
+    try:
+        vcreg_kernels.vicreg_loss(z_a, z_b).backward()  # warm up the allocator and the kernels' scratch
+        z_a.grad = z_b.grad = None
+        peak = _peak_bytes(lambda: vcreg_kernels.vicreg_loss(z_a, z_b).backward())
+    finally:
+        vcreg_kernels.set_backend("auto")
+    dxd, nxd = 4 * d * d, 4 * n * d
+    # G_a, G_b (M2_b while G_a exists), a few n x d (gradients, the invariance part, the
+    # reference's centred copies) and d-vectors; a third d x d temporary would add 1 MiB.
+    assert peak < 2 * dxd + 8 * nxd + 64 * d, f"peak {peak / dxd:.2f} d x d"
+
+
+# --- bad input (SPEC section 5) ---------------------------------------------------------------
+
+ENTRY = {
+    "vicreg_loss": lambda a, b, **kw: vcreg_kernels.vicreg_loss(a, b, **kw),
+    "VICRegLoss": lambda a, b, **kw: vcreg_kernels.VICRegLoss(**kw)(a, b),
+    "vicreg_terms": lambda a, b, **kw: vcreg_kernels.vicreg_terms(
+        a, b, **{k: v for k, v in kw.items() if k in ("eps", "gamma")}),
+}
+
+
+@pytest.fixture(params=list(ENTRY))
+def call(request):
+    return ENTRY[request.param]
+
+
+def test_branches_of_different_shapes(call):
+    with pytest.raises(ValueError, match=r"z_a of shape \(8, 5\) and z_b of shape \(8, 6\)"):
+        call(torch.randn(8, 5), torch.randn(8, 6))
+
+
+def test_non_floating_and_mixed_dtypes(call):
+    with pytest.raises(TypeError, match="torch.int64"):
+        call(torch.ones(4, 3, dtype=torch.int64), torch.ones(4, 3, dtype=torch.int64))
+    with pytest.raises(TypeError, match="torch.float32 and torch.float64"):
+        call(torch.randn(4, 3), torch.randn(4, 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("shape", [(1, 5), (5,), (0, 4), (1, 1, 3)])
+def test_fewer_than_two_samples(call, shape):
+    n = torch.Size(shape).numel() // shape[-1]
+    with pytest.raises(ValueError, match=rf"n = {n} for z_a and z_b of shape {tuple(shape)}".replace("(", r"\(")
+                       .replace(")", r"\)")):
+        call(torch.randn(shape), torch.randn(shape))
+
+
+def test_empty_feature_dimension_and_zero_dim(call):
+    with pytest.raises(ValueError, match="d = 0"):
+        call(torch.randn(5, 0), torch.randn(5, 0))
+    with pytest.raises(IndexError):
+        call(torch.tensor(1.0), torch.tensor(2.0))
+
+
+@pytest.mark.parametrize("name,value", [("eps", 0.0), ("eps", -1e-4), ("eps", float("nan")), ("sim_coeff", -1.0),
+                                        ("std_coeff", -0.5), ("cov_coeff", -1e-3), ("gamma", float("inf"))])
+def test_bad_hyperparameters(name, value):
+    for fn in (ENTRY["vicreg_loss"], ENTRY["VICRegLoss"]):
+        with pytest.raises(ValueError, match=rf"{name} must be .*{value}"):
+            fn(torch.randn(6, 3), torch.randn(6, 3), **{name: value})
