@@ -5,7 +5,9 @@ and runs several scenarios in them; the ranks write their results to files, and 
 compares them with a single process's gradients on the concatenated batch, computed with plain
 autograd (the mean cross-entropy plus ``vcreg_loss`` of each regularised activation). The
 contract: under DDP, which averages gradients, the parameter gradients equal those, whatever
-the ranks' local batch sizes (one may be empty), at a feature mean 100x the spread.
+the ranks' local batch sizes (one may be empty), at a feature mean 100x the spread. The same for
+the VICReg loss (``vicreg_loss(..., sync=True)``): one process's gradients of the loss of the
+concatenated batch, within 1e-9 relative in float64, its embeddings never gathered.
 """
 import os
 import time
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import vcreg_kernels
-from vcreg_kernels import VCReg, dispatch
+from vcreg_kernels import VCReg, dispatch, reference
 
 BACKENDS = dispatch.available_backends("cpu")  # the op-level scenarios run on each
 PARAMS = dict(alpha=0.8, beta=0.5, eps=1e-4, gamma=2.0, delta=None)  # gamma 2: every column's hinge active
@@ -144,13 +146,95 @@ def _run_op(rank, world, sizes, shape, dim, backend):
     return {"grad": x.grad, "terms": layer.terms}
 
 
+def _run_paper(rank, world, sizes, backend):
+    """Op level, float64: a sync layer with scale="paper" (beta * (n - 1), n the group's)."""
+    x, gy = _activations(sizes, (6,))
+    lo = sum(sizes[:rank])
+    x = x[lo:lo + sizes[rank]].clone().requires_grad_()
+    layer = VCReg(**PARAMS, sync=True, scale="paper")
+    vcreg_kernels.set_backend(backend)
+    try:
+        layer(x).backward(gy[lo:lo + sizes[rank]])
+    finally:
+        vcreg_kernels.set_backend("auto")
+    return {"grad": x.grad}
+
+
+# --- the VICReg loss -------------------------------------------------------------------------
+
+LOSS = dict(sim_coeff=20.0, std_coeff=30.0, cov_coeff=2.0, gamma=2.0)
+
+
+class TwoViewEncoder(nn.Module):
+    """Both views through one encoder in one forward (one DDP call); features of mean 100."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, 12)
+        self.b = nn.Linear(12, 7)
+
+    def forward(self, x_a, x_b):
+        z = self.b(torch.tanh(self.a(torch.cat([x_a, x_b])))) + MEAN
+        return z[: len(x_a)], z[len(x_a):]
+
+
+def _views(sizes):
+    """The two views of the concatenated batch, the same in every process."""
+    g = torch.Generator().manual_seed(100 + sum(sizes))
+    x_a = torch.randn(sum(sizes), 5, generator=g, dtype=torch.float64)
+    return x_a, x_a + 0.3 * torch.randn(sum(sizes), 5, generator=g, dtype=torch.float64)
+
+
+def _loss_encoder():
+    torch.manual_seed(3)
+    return TwoViewEncoder().double()
+
+
+def _run_loss(rank, world, sizes):
+    """Model level: a DDP-wrapped encoder trained with vicreg_loss(sync=True) on this rank's rows."""
+    model = nn.parallel.DistributedDataParallel(_loss_encoder())
+    x_a, x_b = _views(sizes)
+    lo = sum(sizes[:rank])
+    module = vcreg_kernels.VICRegLoss(**LOSS, sync=True)
+    loss = module(*model(x_a[lo:lo + sizes[rank]], x_b[lo:lo + sizes[rank]]))
+    loss.backward()
+    return {"grads": {n: p.grad.clone() for n, p in model.module.named_parameters()}, "loss": loss.detach(),
+            "terms": module.terms.clone()}
+
+
+def _run_loss_op(rank, world, sizes, backend):
+    """Op level, float64: this rank's embeddings' gradients on ``backend``."""
+    z_a, z_b = _loss_embeddings(sizes)
+    lo = sum(sizes[:rank])
+    z_a, z_b = (z[lo:lo + sizes[rank]].clone().requires_grad_() for z in (z_a, z_b))
+    vcreg_kernels.set_backend(backend)
+    try:
+        loss = vcreg_kernels.vicreg_loss(z_a, z_b, **LOSS, sync=True)
+        loss.backward()
+    finally:
+        vcreg_kernels.set_backend("auto")
+    return {"grads": (z_a.grad, z_b.grad), "loss": loss.detach()}
+
+
+def _loss_embeddings(sizes):
+    g = torch.Generator().manual_seed(200 + sum(sizes))
+    z_a = torch.randn(sum(sizes), 6, generator=g, dtype=torch.float64) * torch.linspace(0.5, 3, 6) + MEAN
+    return z_a, z_a + 0.5 * torch.randn(sum(sizes), 6, generator=g, dtype=torch.float64)
+
+
+_RUNS = {"model": _run_model, "op": _run_op, "paper": _run_paper, "loss": _run_loss, "loss-op": _run_loss_op}
+
+
 def _worker(rank, world, path, scenarios):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{path}/pg", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     try:
         for name, run, *args in scenarios:
-            result = (_run_model if run == "model" else _run_op)(rank, world, *args)
+            try:
+                result = _RUNS[run](rank, world, *args)
+            except ValueError as e:  # the "too few samples" scenarios: every rank must raise it
+                result = {"error": str(e)}
             torch.save(result, os.path.join(path, f"{name}-{rank}.pt"))
             dist.barrier()
     finally:
@@ -178,6 +262,8 @@ def _check(scenario, results):
     name, run, sizes, *args = scenario
     for rank, res in enumerate(results):
         assert "error" not in res, (name, rank, res)
+    if run in ("paper", "loss", "loss-op"):
+        return _check_new(scenario, results)
     if run == "model":
         want, want_terms, sup = _reference(sizes)
         # The regulariser must matter, or the comparison would not test it.
@@ -217,13 +303,20 @@ def test_two_ranks(tmp_path):
         ("compiled", "model", [2, 5], "compile"),
         *[(f"tokens-f32-{b}", "op", [7, 3], (5, 12), -1, b) for b in BACKENDS],
         *[(f"nchw-f32-{b}", "op", [2, 1], (8, 3, 5), 1, b) for b in BACKENDS],
+        ("paper", "paper", [5, 4], "auto"),
+        ("loss-unequal", "loss", [5, 3]),
+        ("loss-empty-rank", "loss", [0, 6]),
+        *[(f"loss-op-{b}", "loss-op", [7, 2], b) for b in BACKENDS],
         ("too-few", "model", [1, 0], "convert"),  # the MLP features: n = 1 over both ranks
+        ("loss-too-few", "loss", [0, 1]),
     ]
     results = _spawn(tmp_path, 2, scenarios)
-    for scenario in scenarios[:-1]:
+    for scenario in scenarios[:-2]:
         _check(scenario, results[scenario[0]])
     for res in results["too-few"]:  # every rank raises the same error; none hangs
         assert "n = 1 in all" in res.get("error", ""), res
+    for res in results["loss-too-few"]:  # raised by the loss's forward, at call time
+        assert "vicreg_loss: needs at least 2 samples over the process group, got n = 1 in all" in res.get("error", "")
 
 
 def test_three_ranks(tmp_path):
@@ -231,6 +324,9 @@ def test_three_ranks(tmp_path):
         ("one-sample-rank", "model", [4, 1, 6], "insert-sync"),
         ("empty-and-one", "model", [0, 1, 3], "convert"),
         ("tokens-f32", "op", [40, 0, 1], (16,), -1, "auto"),
+        ("paper-empty-rank", "paper", [3, 0, 4], "auto"),
+        ("loss-empty-and-one", "loss", [4, 0, 1]),
+        ("loss-op-empty", "loss-op", [0, 5, 3], "auto"),
     ]
     results = _spawn(tmp_path, 3, scenarios)
     for scenario in scenarios:
@@ -250,3 +346,48 @@ def test_sync_without_a_process_group_is_local():
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=0)
     with pytest.raises(ValueError, match="n = 1 in all"):  # the check moves to the backward
         VCReg(sync=True)(torch.randn(1, 4, requires_grad=True)).sum().backward()
+
+
+def _check_new(scenario, results):
+    """The scale="paper" and VICReg-loss scenarios: float64 throughout, so within 1e-9 relative."""
+    name, run, sizes, *args = scenario
+    world, n = len(sizes), sum(sizes)
+    bounds = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+    if run == "paper":  # beta * (n - 1) with the group's n, W times on each rank's rows
+        x, gy = _activations(sizes, (6,))
+        x.requires_grad_()
+        (reg,) = torch.autograd.grad(vcreg_kernels.vcreg_loss(x, **{**PARAMS, "beta": PARAMS["beta"] * (n - 1)}), x)
+        for rank, res in enumerate(results):
+            lo, hi = bounds[rank], bounds[rank + 1]
+            if hi > lo:
+                err = _rel_err(res["grad"] - gy[lo:hi], world * reg[lo:hi])
+                assert err < 1e-9, f"{name}: rank {rank}: relative error {err:.3g}"
+        return
+    if run == "loss":
+        model = _loss_encoder()
+        loss = reference.vicreg_loss_reference(*model(*_views(sizes)), **LOSS)
+        loss.backward()
+        want = {k: p.grad for k, p in model.named_parameters()}
+        # Against all gradients at once: the last bias's is 0 in the math (the loss does not change
+        # when both views move together), so its own relative error is rounding over rounding.
+        scale = torch.cat([w.flatten() for w in want.values()]).norm()
+        for rank, res in enumerate(results):
+            for k in want:
+                err = ((res["grads"][k] - want[k]).norm() / scale).item()
+                assert err < 1e-9, f"{name}: rank {rank}, gradient of {k}: relative error {err:.3g}"
+            torch.testing.assert_close(res["terms"].double(),
+                                       reference.vicreg_terms_of(*model(*_views(sizes)), gamma=LOSS["gamma"]).detach(),
+                                       rtol=1e-6, atol=1e-9)  # float64 kept in a float32 buffer
+    else:
+        z_a, z_b = (z.requires_grad_() for z in _loss_embeddings(sizes))
+        loss = reference.vicreg_loss_reference(z_a, z_b, **LOSS)
+        want = torch.autograd.grad(loss, (z_a, z_b))
+        for rank, res in enumerate(results):
+            lo, hi = bounds[rank], bounds[rank + 1]
+            assert res["grads"][0].shape == (hi - lo, 6)
+            if hi > lo:
+                for got, w in zip(res["grads"], want):
+                    err = _rel_err(got, world * w[lo:hi])  # W times the group's loss gradient (DDP averages)
+                    assert err < 1e-9, f"{name}: rank {rank}: relative error {err:.3g}"
+    for rank, res in enumerate(results):  # the value: the whole batch's, on every rank
+        assert abs(res["loss"].item() - loss.item()) <= 1e-12 * loss.item(), (name, rank)

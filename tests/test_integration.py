@@ -348,3 +348,51 @@ def test_deterministic_algorithms_give_bitwise_repeatable_gradients(backend_devi
     (g0, t0), (g1, t1) = runs
     assert all(torch.equal(g0[k], g1[k]) for k in g0)
     assert all(torch.equal(t0[k], t1[k]) for k in t0)
+
+
+# --- scale="paper": the paper's alpha/beta grid as printed ----------------------------------
+
+
+def test_scale_paper_is_beta_times_n_minus_one():
+    """scale="paper" on the op, the function, the module and insert_vcreg: exactly scale="exact"
+    with beta * (n - 1), n the layer's sample count (here 4 * 3 * 3 = 36 at dim=1; 6 * 5 = 30 tokens)."""
+    torch._dynamo.reset()
+    x = (torch.randn(4, 6, 3, 3) + 2).requires_grad_()
+    w = torch.randn(4, 6, 3, 3)
+
+    def grad(f):
+        (g,) = torch.autograd.grad((f(x) * w).sum(), x)
+        return g
+
+    want = grad(lambda t: torch.ops.vcreg.fused(t, 0.5, 0.3 * 35, 1e-4, 1.2, None, 1))
+    assert not torch.equal(want, grad(lambda t: torch.ops.vcreg.fused(t, 0.5, 0.3, 1e-4, 1.2, None, 1)))
+    paper = [
+        lambda t: torch.ops.vcreg.fused(t, 0.5, 0.3, 1e-4, 1.2, None, 1, "paper"),
+        lambda t: vcreg_kernels.vcreg(t, 0.5, 0.3, gamma=1.2, dim=1, scale="paper"),
+        lambda t: VCReg(0.5, 0.3, gamma=1.2, dim=1, scale="paper")(t),
+        torch.compile(lambda t: torch.ops.vcreg.fused(t, 0.5, 0.3, 1e-4, 1.2, None, 1, "paper"),
+                      fullgraph=True, backend="aot_eager"),
+    ]
+    for f in paper:
+        assert torch.equal(grad(f), want)
+
+    model, paper_model = small_model(), small_model()
+    vcreg_kernels.insert_vcreg(paper_model, alpha=0.6, beta=0.4 / 10, gamma=1.2, block_types=[ConvBlock, TokenBlock],
+                               scale="paper")
+    assert "scale='paper'" in repr(paper_model.convs[0].vcreg)
+    x, y = small_batch()  # n = 6 * 5 * 5 = 150 at the conv blocks, 6 * 25 = 150 at the token blocks
+    for m in model.modules():
+        if isinstance(m, VCReg):
+            m.beta = 0.4 / 10 * 149
+    got, want = step(paper_model, x, y)[0], step(model, x, y)[0]
+    assert_grads_close(got, want, 1e-6)
+
+
+def test_scale_bad_value():
+    x = torch.randn(8, 5, requires_grad=True)
+    for f in (lambda: torch.ops.vcreg.fused(x, 0.1, 0.1, 1e-4, 1.0, None, -1, "Paper"),
+              lambda: vcreg_kernels.vcreg(x, scale="exact "),
+              lambda: VCReg(scale="paper!"),
+              lambda: vcreg_kernels.insert_vcreg(SmallNet(), block_types=[ConvBlock], scale="n-1")):
+        with pytest.raises(ValueError, match="scale must be one of"):
+            f()

@@ -7,6 +7,15 @@ from typing import Optional
 import torch
 
 
+SCALES = ("exact", "paper")
+
+
+def check_scale(scale: str) -> None:
+    """``scale`` of the layer (SPEC section 3): "exact", or "paper" (beta * (n - 1) as the covariance coefficient)."""
+    if scale not in SCALES:
+        raise ValueError(f"vcreg: scale must be one of {SCALES}, got {scale!r}")
+
+
 def check_args(
     x: torch.Tensor,
     alpha: float,

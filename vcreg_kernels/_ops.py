@@ -6,6 +6,9 @@
   ``vcreg_function``), so eager, torch.compile and autograd all see one definition.
 * ``vcreg::fused_backward(grad_y, x, ...) -> grad_x``: a custom op with a fake implementation;
   its real implementation asks ``dispatch`` which backend runs.
+* ``scale="paper"`` (on ``fused`` and ``fused_backward_terms``): the covariance coefficient is
+  beta * (n - 1), n the layer's sample count (the group's, in the cross-rank mode), applied where
+  the backward knows n (``dispatch.vcreg_backward``, ``distributed.vcreg_backward_sync``).
 * ``vcreg::fused_backward_terms(grad_y, x, ..., group) -> (grad_x, terms)``: internal, the same
   implementation; what ``_VCRegFunction``'s backward calls. It also returns ``terms = tensor([l_var, l_cov])``, which the backward
   copies into the module's ``VCReg.terms`` buffer when it has one (logging without a second pass
@@ -23,13 +26,13 @@ from typing import Optional
 import torch
 
 from . import dispatch
-from ._checks import check_args
+from ._checks import check_args, check_scale
 from .reference import accumulate_dtype
 
 _lib = torch.library.Library("vcreg", "DEF")
 _lib.define(
     "fused(Tensor(a) x, float alpha, float beta, float eps=0.0001, float gamma=1.0, "
-    "float? delta=None, int dim=-1) -> Tensor(a)"
+    "float? delta=None, int dim=-1, str scale=\"exact\") -> Tensor(a)"
 )
 _lib.define(
     "backward_kernel(Tensor grad_y, Tensor x, float alpha, float beta, float eps, float gamma, "
@@ -41,7 +44,7 @@ _lib.define("stats_kernel(Tensor x) -> (Tensor, Tensor)")
 _lib.define("apply_kernel(Tensor grad_y, Tensor x, Tensor G, Tensor mu) -> Tensor")
 
 
-def _backward(grad_y, x, alpha, beta, eps, gamma, delta, dim, group):
+def _backward(grad_y, x, alpha, beta, eps, gamma, delta, dim, group, scale="exact"):
     """(grad_x, terms): both backward ops' implementation; ``dispatch`` picks the backend."""
     # In the cross-rank mode only the global n must reach 2: distributed.py checks it.
     dim = check_args(x, alpha, beta, eps, gamma, delta, dim, min_samples=2 if group is None else 0)
@@ -50,7 +53,7 @@ def _backward(grad_y, x, alpha, beta, eps, gamma, delta, dim, group):
     # A backward run inside torch.autocast would otherwise cast the reference's matmuls (and the
     # finalisation's) to bf16/fp16: the backends keep their own precision policy (SPEC section 2).
     with torch.autocast(x.device.type, enabled=False):
-        return dispatch.vcreg_backward(grad_y, x, alpha, beta, eps, gamma, delta, dim, group=group)
+        return dispatch.vcreg_backward(grad_y, x, alpha, beta, eps, gamma, delta, dim, group=group, scale=scale)
 
 
 @torch.library.custom_op("vcreg::fused_backward", mutates_args=())
@@ -85,13 +88,14 @@ def fused_backward_terms(
     delta: Optional[float],
     dim: int,
     group: Optional[str],
+    scale: str = "exact",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(fused_backward's grad_x, tensor([l_var, l_cov])); with ``group``, over the whole group's batch."""
-    return _backward(grad_y, x, alpha, beta, eps, gamma, delta, dim, group)
+    return _backward(grad_y, x, alpha, beta, eps, gamma, delta, dim, group, scale)
 
 
 @fused_backward_terms.register_fake
-def _fused_backward_terms_fake(grad_y, x, alpha, beta, eps, gamma, delta, dim, group):
+def _fused_backward_terms_fake(grad_y, x, alpha, beta, eps, gamma, delta, dim, group, scale="exact"):
     return torch.empty_like(x, dtype=grad_y.dtype), x.new_empty(2, dtype=accumulate_dtype(x.dtype))
 
 
@@ -99,18 +103,19 @@ class _VCRegFunction(torch.autograd.Function):
     """Identity forward returning a view of x; backward = fused_backward_terms.
 
     ``terms_out``: None, or a float tensor of 2 elements that the backward overwrites with the
-    terms (``VCReg.terms``); ``group``: None, or the ``distributed.group_key`` of the cross-rank mode.
+    terms (``VCReg.terms``); ``group``: None, or the ``distributed.group_key`` of the cross-rank mode;
+    ``scale``: "exact" or "paper".
     """
 
     @staticmethod
-    def forward(x, alpha, beta, eps, gamma, delta, dim, terms_out, group):
+    def forward(x, alpha, beta, eps, gamma, delta, dim, terms_out, group, scale):
         return x.view_as(x)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, alpha, beta, eps, gamma, delta, dim, terms_out, group = inputs
+        x, alpha, beta, eps, gamma, delta, dim, terms_out, group, scale = inputs
         ctx.save_for_backward(x)
-        ctx.params = (alpha, beta, eps, gamma, delta, dim, group)
+        ctx.params = (alpha, beta, eps, gamma, delta, dim, group, scale)
         # A plain attribute, not save_for_backward: the copy into it must not trip autograd's
         # version check of saved tensors when the same layer ran twice before one backward.
         ctx.terms_out = terms_out
@@ -121,17 +126,18 @@ class _VCRegFunction(torch.autograd.Function):
         grad_x, terms = torch.ops.vcreg.fused_backward_terms(grad_y, x, *ctx.params)
         if ctx.terms_out is not None:
             ctx.terms_out.copy_(terms)
-        return (grad_x,) + (None,) * 8
+        return (grad_x,) + (None,) * 9
 
 
-def vcreg_function(x, alpha, beta, eps, gamma, delta, dim, terms_out=None, group=None):
+def vcreg_function(x, alpha, beta, eps, gamma, delta, dim, terms_out=None, group=None, scale="exact"):
     """``fused``, and what ``VCReg`` calls: also logs the terms into ``terms_out``, syncs over ``group``."""
     dim = check_args(x, alpha, beta, eps, gamma, delta, dim, min_samples=2 if group is None else 0)
-    return _VCRegFunction.apply(x, alpha, beta, eps, gamma, delta, dim, terms_out, group)
+    check_scale(scale)
+    return _VCRegFunction.apply(x, alpha, beta, eps, gamma, delta, dim, terms_out, group, scale)
 
 
-def _fused(x, alpha, beta, eps=1e-4, gamma=1.0, delta=None, dim=-1):
-    return vcreg_function(x, alpha, beta, eps, gamma, delta, dim)
+def _fused(x, alpha, beta, eps=1e-4, gamma=1.0, delta=None, dim=-1, scale="exact"):
+    return vcreg_function(x, alpha, beta, eps, gamma, delta, dim, scale=scale)
 
 
 _lib.impl("fused", _fused, "CompositeImplicitAutograd")

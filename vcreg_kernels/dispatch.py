@@ -186,20 +186,24 @@ def vcreg_backward(
     dim: int,
     backend: Optional[str] = None,
     group: Optional[str] = None,
+    scale: str = "exact",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """grad_x = grad_y + d(loss)/dx and tensor([l_var, l_cov]), on the backend of ``resolve_backend``.
 
     ``dim`` must already be normalised. grad_x has x's layout where x is dense, grad_y's dtype.
     With ``group`` (a ``distributed.group_key``) the statistics are those of the whole process
     group's batch: the backend's halves around the all-reduces of ``distributed.py``.
+    ``scale="paper"``: beta * (n - 1) is the covariance coefficient (n: the group's, with ``group``).
     """
     name = resolve_backend(x, backend)
+    canon = _layout.canonical_view(x, dim)
     if group is None:
         impl = _IMPLEMENTATIONS[name]
+        if scale == "paper":
+            beta = beta * (canon.x3.shape[0] * canon.x3.shape[2] - 1)
     else:
         stats, apply = _HALVES[name]
-        impl = functools.partial(vcreg_backward_sync, group=group, stats=stats, apply=apply)
-    canon = _layout.canonical_view(x, dim)
+        impl = functools.partial(vcreg_backward_sync, group=group, stats=stats, apply=apply, paper=scale == "paper")
     gy3 = _layout.same_layout(grad_y, canon, dim)
     g3, terms = impl(gy3, canon.x3, float(alpha), float(beta), float(eps), float(gamma),
                      None if delta is None else float(delta))

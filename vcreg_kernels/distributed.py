@@ -134,10 +134,12 @@ def vcreg_backward_sync(
     group: str,
     stats: Callable,
     apply: Callable,
+    paper: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_x3, tensor([l_var, l_cov])) with the statistics of the group's whole batch; see the module docstring.
 
-    ``stats`` and ``apply`` are the backend's halves (``dispatch``); ``group`` a ``group_key``.
+    ``stats`` and ``apply`` are the backend's halves (``dispatch``); ``group`` a ``group_key``;
+    ``paper``: the covariance coefficient is beta * (n - 1), n the group's sample count.
     """
     pg, world = process_group(group)
     B, d, L = x3.shape
@@ -156,6 +158,8 @@ def vcreg_backward_sync(
 
     n, [(mu, m2)], _ = merge_statistics(pg, n_local, [(mu_r, m2_r)], too_few)
     n_acc = n.to(acc)  # a 0-dim device tensor: gradient_matrix takes it like an int, no host sync
+    if paper:
+        beta = beta * (n_acc - 1)
     G, terms = gradient_matrix(m2 / (n_acc - 1), n_acc, alpha, beta, eps, gamma, delta)
     if world != 1:
         G = G * world

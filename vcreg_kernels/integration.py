@@ -81,6 +81,7 @@ def insert_vcreg(
     block_types: Union[None, Iterable[type], Mapping[type, Optional[int]]] = None,
     sync: bool = False,
     process_group=None,
+    scale: str = "exact",
 ) -> nn.Module:
     """Put a VCReg layer after every block of ``model``, in place; returns ``model``.
 
@@ -88,7 +89,8 @@ def insert_vcreg(
     output, ``dim=1``) and ViT EncoderBlock (``dim=-1``). Otherwise an iterable of module types
     (subclasses included), whose output's feature dimension is 1 for outputs of rank 4 or more and
     -1 otherwise, or a mapping ``{type: dim}``. A block that already has one gets new settings.
-    ``sync``, ``process_group``: the cross-rank mode (``VCReg``). Works on DDP-wrapped and
+    ``sync``, ``process_group``: the cross-rank mode (``VCReg``); ``scale="paper"``: each layer's
+    covariance coefficient is beta * (n - 1) at its own n, the paper's grid as printed. Works on DDP-wrapped and
     torch.compile'd models. Raises ValueError when the model has no such block.
     """
     types = _known_blocks() if block_types is None else (
@@ -102,7 +104,7 @@ def insert_vcreg(
         base = getattr(type(module), "_vcreg_base", type(module))
         if base is type(module) and hasattr(module, "vcreg"):
             raise ValueError(f"insert_vcreg: {base.__name__} already has an attribute 'vcreg'")
-        module.vcreg = VCReg(alpha, beta, eps, gamma, delta, dims[0], sync, process_group).to(device)
+        module.vcreg = VCReg(alpha, beta, eps, gamma, delta, dims[0], sync, process_group, scale).to(device)
         module.__class__ = _with_vcreg(base)
         found += 1
     if not found:

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from . import _ops
+from ._checks import check_scale
 from .distributed import group_key
 
 
@@ -18,9 +19,14 @@ def vcreg(
     gamma: float = 1.0,
     delta: Optional[float] = None,
     dim: int = -1,
+    scale: str = "exact",
 ) -> torch.Tensor:
-    """Identity in the forward; the backward adds the gradient of the VCReg loss (SPEC section 2)."""
-    return torch.ops.vcreg.fused(x, alpha, beta, eps, gamma, delta, dim)
+    """Identity in the forward; the backward adds the gradient of the VCReg loss (SPEC section 2).
+
+    ``scale="paper"``: the covariance coefficient is beta * (n - 1), n the sample count of x (of the
+    group's batch in the cross-rank mode), so that the paper's alpha/beta grid applies as printed.
+    """
+    return torch.ops.vcreg.fused(x, alpha, beta, eps, gamma, delta, dim, scale)
 
 
 class VCReg(nn.Module):
@@ -39,6 +45,9 @@ class VCReg(nn.Module):
     ``vcreg_kernels.distributed`` for the scaling). Each rank's own batch may then hold 0 or 1
     samples as long as the group's holds 2. Without an initialised process group it regularises
     the local batch.
+
+    ``scale="paper"``: beta * (n - 1) is the covariance coefficient, n the sample count at this
+    layer (the group's in the cross-rank mode): the paper's alpha/beta grid as printed (``vcreg``).
     """
 
     def __init__(
@@ -51,9 +60,12 @@ class VCReg(nn.Module):
         dim: Optional[int] = -1,
         sync: bool = False,
         process_group=None,
+        scale: str = "exact",
     ) -> None:
         super().__init__()
+        check_scale(scale)
         self.alpha, self.beta, self.eps, self.gamma, self.delta, self.dim = alpha, beta, eps, gamma, delta, dim
+        self.scale = scale
         self.set_sync(sync, process_group)
         self.register_buffer("terms", torch.full((2,), float("nan")), persistent=False)
 
@@ -80,9 +92,10 @@ class VCReg(nn.Module):
         if not self.training:
             return x
         return _ops.vcreg_function(x, self.alpha, self.beta, self.eps, self.gamma, self.delta,
-                                   self.feature_dim(x), self.terms, self._group)
+                                   self.feature_dim(x), self.terms, self._group, self.scale)
 
     def extra_repr(self) -> str:
         sync = f", sync=True, process_group={self.process_group}" if self.sync else ""
+        scale = f", scale={self.scale!r}" if self.scale != "exact" else ""
         return (f"alpha={self.alpha}, beta={self.beta}, eps={self.eps}, gamma={self.gamma}, "
-                f"delta={self.delta}, dim={self.dim}{sync}")
+                f"delta={self.delta}, dim={self.dim}{sync}{scale}")
