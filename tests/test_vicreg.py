@@ -245,6 +245,17 @@ def test_torch_compile_fullgraph_matches_eager():
     torch.testing.assert_close(compiled_model.loss.terms, eager.loss.terms, rtol=1e-5, atol=1e-7)
 
 
+def test_sync_without_a_process_group_is_local():
+    """sync=True with no process group: the local batch's loss (as SyncBatchNorm); n < 2 is then
+    checked in the forward, with the cross-rank mode's message."""
+    z_a, z_b = make_pair((20, 6))
+    local = grads(vcreg_kernels.vicreg_loss, z_a, z_b, **COEFFS)
+    synced = grads(vcreg_kernels.vicreg_loss, z_a, z_b, sync=True, **COEFFS)
+    torch.testing.assert_close(synced, local, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="n = 1 in all"):
+        vcreg_kernels.vicreg_loss(torch.randn(1, 4), torch.randn(1, 4), sync=True)
+
+
 def test_opcheck():
     z_a, z_b = make_pair((8, 5), dtype=torch.float32)
     torch.library.opcheck(torch.ops.vcreg.vicreg_forward.default, (z_a, z_b, 25.0, 25.0, 1.0, 1e-4, 1.0, None))

@@ -1,4 +1,4 @@
-"""The cross-rank mode (SPEC section 8): VCReg on the statistics of the batch of a whole process group.
+"""The cross-rank mode (SPEC sections 8 and 9): statistics of the batch of a whole process group.
 
 Like SyncBatchNorm, but only in the backward, and the rows never leave their rank. On canonical
 views ``x3``, ``gy3``: (B, d, L) of this rank's n_r rows (n_r may be 0 or 1), with the same host
@@ -39,6 +39,10 @@ backend need handle such shapes).
 
 Without an initialised process group, or with a group of one rank, it runs on the local batch
 with no collective, like SyncBatchNorm.
+
+The merge itself, ``merge_statistics``, takes several blocks of statistics of the same rows and
+extra numbers to sum in the first round: the VICReg loss (``vicreg.py``) merges its two branches
+and its invariance sum with it, in its forward.
 """
 from __future__ import annotations
 

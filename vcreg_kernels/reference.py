@@ -232,9 +232,11 @@ def vicreg_pair_apply_reference(
     """
     B, d, L = za3.shape
     Za, Zb = _rows(za3), _rows(zb3)
-    inv = c * (Za - Zb)
+    inv = (Za - Zb).mul_(c)
     out = []
     for Z, G, mu, sign in ((Za, G_a, mu_a, 1), (Zb, G_b, mu_b, -1)):
-        grad = (g * (sign * inv + (Z - mu) @ G)).view(B, L, d).permute(0, 2, 1)
-        out.append(torch.empty_strided(za3.shape, za3.stride(), dtype=za3.dtype, device=za3.device).copy_(grad))
+        grad = ((Z - mu) @ G).add_(inv, alpha=sign).mul_(g).view(B, L, d).transpose(1, 2)
+        if grad.dtype != za3.dtype or (L > 1 and grad.stride() != za3.stride()):
+            grad = torch.empty_strided(za3.shape, za3.stride(), dtype=za3.dtype, device=za3.device).copy_(grad)
+        out.append(grad)
     return out[0], out[1]
