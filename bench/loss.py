@@ -42,6 +42,7 @@ if __name__ == "__main__":
 import argparse  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
+import sys  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -50,6 +51,7 @@ from typing import Callable, Optional  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from pytest_benchmark.utils import get_commit_info  # noqa: E402
 
 import vcreg_kernels  # noqa: E402
 
@@ -303,10 +305,17 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
                 versions=common.versions(), load_average_1min=dict(start=load, end=os.getloadavg()[0]),
                 threads=torch.get_num_threads(), elapsed_s=time.perf_counter() - t0,
                 date=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    busy = max(meta["load_average_1min"].values()) > (os.cpu_count() or 1)
     meta["note"] = (f"{meta['device_name']}; torch {meta['versions']['torch']}; {size.reps} rounds; 1-minute load "
-                    f"average {load:.2f} at the start, {meta['load_average_1min']['end']:.2f} at the end; "
-                    f"{meta['elapsed_s']:.0f} s.")
-    markdown = "\n".join(loss_markdown(rows, meta))
+                    f"average {load:.2f} at the start, {meta['load_average_1min']['end']:.2f} at the end"
+                    + (" (more runnable processes than CPUs: other work shared this machine, so the times are "
+                       "noisy; read the ratios between the rows of one shape, measured in the same rounds)" if busy else "")
+                    + f"; {meta['elapsed_s']:.0f} s.")
+    commit = get_commit_info("vcreg_kernels")
+    meta["commit"] = f"{commit['id'][:12]}{'-dirty' if commit['dirty'] else ''}"
+    markdown = "\n".join([f"# VICReg loss level: {meta['device_name']}", "",
+                          f"- {meta['date']}; `python -m bench.loss {' '.join(argv if argv is not None else sys.argv[1:])}`"
+                          f"; commit {meta['commit']}; {size.note}", ""] + loss_markdown(rows, meta))
     print()
     print(markdown)
     if args.out:
