@@ -17,8 +17,9 @@ Cases, each one step ``loss = f(z_a, z_b); loss.backward()`` on two leaf embeddi
 
 Sizes: ``full`` is SPEC section 7's grid, d = 2048 and 8192, n = 256, 512 and 2048, float32 and
 bfloat16; ``quick`` (the CPU default) is d = 2048 at every n in float32 and bfloat16, and d = 8192
-at n = 256 in float32 (the 8192-wide projector at batch 256 of facebookresearch/vicreg's issue
-#7): the full grid takes most of an hour on a 2-core CPU. ``smoke`` is two tiny shapes, one round.
+at n = 256 in float32 (facebookresearch/vicreg's 8192-wide expander at a batch of 256 per
+device): the rest of the full grid would take tens of minutes more on a 2-core CPU (an estimate from
+the 256 x 8192 row, about two minutes). ``smoke`` is two tiny shapes, one round.
 
 Measurement: the cases are interleaved round by round (a machine's slow moments hit every case
 alike); median, p20 and p80 of the rounds. Peak extra memory: bytes allocated during one step
@@ -102,7 +103,8 @@ SIZES = {
     "full": LossSize("full", "SPEC section 7's grid: d = 2048 and 8192, n = 256, 512, 2048, float32 and bfloat16",
                      _grid((256, 512, 2048), (2048, 8192), (F32, BF16)), warmup=3, reps=20),
     "quick": LossSize("quick", "reduced for a small CPU: d = 2048 at n = 256, 512, 2048 in float32 and bfloat16; "
-                      "d = 8192 at n = 256 in float32 (the full grid takes most of an hour on 2 cores)",
+                      "d = 8192 at n = 256 in float32 (the rest of the full grid would take tens of minutes more on "
+                      "2 cores, estimated from the 256 x 8192 row)",
                       _grid((256, 512, 2048), (2048,), (F32, BF16)) + ((256, 8192, F32),), warmup=1, reps=7),
     "smoke": LossSize("smoke", "smoke test (CI): two tiny shapes, one round; the numbers mean nothing",
                       ((32, 64, F32), (16, 48, BF16)), warmup=0, reps=1),
