@@ -28,6 +28,7 @@ import torch
 
 import vcreg_kernels
 from vcreg_kernels import dispatch
+from vcreg_kernels._params import Params
 from vcreg_kernels.reference import gradient_matrix
 
 from .common import ALPHA, BETA, EPS, PAPER_SHAPES, LayerShape, spread
@@ -55,7 +56,7 @@ class EagerVCReg(torch.autograd.Function):
         n = X.shape[0]
         Xc = X - X.mean(0)
         C = Xc.T @ Xc / (n - 1)
-        G, _ = gradient_matrix(C, n, ALPHA, BETA, EPS, 1.0, None)
+        G, _ = gradient_matrix(C, n, Params(ALPHA, BETA, EPS))
         return grad_y + (Xc @ G).view(moved.shape).movedim(-1, ctx.dim), None
 
 

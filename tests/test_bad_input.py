@@ -1,4 +1,5 @@
 """Every row of SPEC section 5: errors raised when the op is called, naming the offending value."""
+import dataclasses
 import os
 import subprocess
 import sys
@@ -121,7 +122,10 @@ def test_auto_on_a_gpu_prefers_cuda_then_triton(monkeypatch):
     x = types.SimpleNamespace(device=torch.device("cuda"))  # only its device type is read
     monkeypatch.setattr(dispatch, "_warned", set())
     missing: set[str] = set()
-    monkeypatch.setattr(dispatch, "_why_unavailable", lambda name, dt: "missing" if name in missing else None)
+    for name in ("cuda", "triton"):
+        record = dispatch.backend(name)
+        monkeypatch.setitem(dispatch._RECORDS, name, dataclasses.replace(
+            record, unavailable=lambda device_type, name=name: "missing" if name in missing else None))
     assert dispatch.resolve_backend(x, "auto") == "cuda"
     missing.add("cuda")
     assert dispatch.resolve_backend(x, "auto") == "triton"

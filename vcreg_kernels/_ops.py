@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from . import dispatch
-from ._checks import check_args
+from ._params import Params, check_args
 from .reference import accumulate_dtype
 
 _lib = torch.library.Library("vcreg", "DEF")
@@ -41,16 +41,16 @@ _lib.define("stats_kernel(Tensor x) -> (Tensor, Tensor)")
 _lib.define("apply_kernel(Tensor grad_y, Tensor x, Tensor G, Tensor mu) -> Tensor")
 
 
-def _backward(grad_y, x, alpha, beta, eps, gamma, delta, dim, group):
+def _backward(grad_y, x, params: Params, dim, group):
     """(grad_x, terms): both backward ops' implementation; ``dispatch`` picks the backend."""
     # In the cross-rank mode only the global n must reach 2: distributed.py checks it.
-    dim = check_args(x, alpha, beta, eps, gamma, delta, dim, min_samples=2 if group is None else 0)
+    dim = check_args(x, params, dim, min_samples=2 if group is None else 0)
     if grad_y.shape != x.shape:
         raise ValueError(f"vcreg: grad_y has shape {tuple(grad_y.shape)}, x has {tuple(x.shape)}")
     # A backward run inside torch.autocast would otherwise cast the reference's matmuls (and the
     # finalisation's) to bf16/fp16: the backends keep their own precision policy (SPEC section 2).
     with torch.autocast(x.device.type, enabled=False):
-        return dispatch.vcreg_backward(grad_y, x, alpha, beta, eps, gamma, delta, dim, group=group)
+        return dispatch.vcreg_backward(grad_y, x, params, dim, group=group)
 
 
 @torch.library.custom_op("vcreg::fused_backward", mutates_args=())
@@ -65,7 +65,7 @@ def fused_backward(
     dim: int,
 ) -> torch.Tensor:
     """grad_y + d(loss)/dx of SPEC section 2, on the backend ``dispatch`` picks."""
-    grad_x, _terms = _backward(grad_y, x, alpha, beta, eps, gamma, delta, dim, None)
+    grad_x, _terms = _backward(grad_y, x, Params.of(alpha, beta, eps, gamma, delta), dim, None)
     return grad_x
 
 
@@ -87,7 +87,7 @@ def fused_backward_terms(
     group: Optional[str],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(fused_backward's grad_x, tensor([l_var, l_cov])); with ``group``, over the whole group's batch."""
-    return _backward(grad_y, x, alpha, beta, eps, gamma, delta, dim, group)
+    return _backward(grad_y, x, Params.of(alpha, beta, eps, gamma, delta), dim, group)
 
 
 @fused_backward_terms.register_fake
@@ -124,14 +124,15 @@ class _VCRegFunction(torch.autograd.Function):
         return (grad_x,) + (None,) * 8
 
 
-def vcreg_function(x, alpha, beta, eps, gamma, delta, dim, terms_out=None, group=None):
+def vcreg_function(x, params: Params, dim, terms_out=None, group=None):
     """``fused``, and what ``VCReg`` calls: also logs the terms into ``terms_out``, syncs over ``group``."""
-    dim = check_args(x, alpha, beta, eps, gamma, delta, dim, min_samples=2 if group is None else 0)
-    return _VCRegFunction.apply(x, alpha, beta, eps, gamma, delta, dim, terms_out, group)
+    dim = check_args(x, params, dim, min_samples=2 if group is None else 0)
+    # The scalars travel separately: autograd.Function arguments that torch.compile traces as constants.
+    return _VCRegFunction.apply(x, *params.values(), dim, terms_out, group)
 
 
 def _fused(x, alpha, beta, eps=1e-4, gamma=1.0, delta=None, dim=-1):
-    return vcreg_function(x, alpha, beta, eps, gamma, delta, dim)
+    return vcreg_function(x, Params(alpha, beta, eps, gamma, delta), dim)
 
 
 _lib.impl("fused", _fused, "CompositeImplicitAutograd")

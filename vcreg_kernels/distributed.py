@@ -1,8 +1,8 @@
 """The cross-rank mode (SPEC section 8): VCReg on the statistics of the batch of a whole process group.
 
 Like SyncBatchNorm, but only in the backward, and the rows never leave their rank. On canonical
-views ``x3``, ``gy3``: (B, d, L) of this rank's n_r rows (n_r may be 0 or 1), with the same host
-signature as a backend (``dispatch``)::
+tensors ``x3``, ``gy3``: (B, d, L) of this rank's n_r rows (n_r may be 0 or 1), with a backend's
+halves (``dispatch.Backend``)::
 
     each rank:    (mu_r, M2_r) = stats(x3)                          the backend's first half
     all-reduce 1: [n_r, n_r mu_r]  (float64, d + 1 numbers)         -> n = sum n_r, mu = sum n_r mu_r / n
@@ -47,6 +47,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from ._params import Params
 from .reference import accumulate_dtype, gradient_matrix, vcreg_apply_reference, vcreg_stats_reference
 
 WORLD = "world"  # the key of the default group, resolved when the backward runs
@@ -70,17 +71,7 @@ def _resolve(key: str) -> Optional["dist.ProcessGroup"]:
 
 
 def vcreg_backward_sync(
-    gy3: torch.Tensor,
-    x3: torch.Tensor,
-    alpha: float,
-    beta: float,
-    eps: float,
-    gamma: float,
-    delta: Optional[float],
-    *,
-    group: str,
-    stats: Callable,
-    apply: Callable,
+    gy3: torch.Tensor, x3: torch.Tensor, params: Params, *, group: str, stats: Callable, apply: Callable
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_x3, tensor([l_var, l_cov])) with the statistics of the group's whole batch; see the module docstring.
 
@@ -117,7 +108,7 @@ def vcreg_backward_sync(
     if pg is not None:
         dist.all_reduce(m2, group=pg)
     n_acc = n.to(acc)  # a 0-dim device tensor: gradient_matrix takes it like an int, no host sync
-    G, terms = gradient_matrix(m2 / (n_acc - 1), n_acc, alpha, beta, eps, gamma, delta)
+    G, terms = gradient_matrix(m2 / (n_acc - 1), n_acc, params)
     if world != 1:
         G = G * world
     return (vcreg_apply_reference if tiny else apply)(gy3, x3, G, mu), terms

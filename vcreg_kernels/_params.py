@@ -1,0 +1,67 @@
+"""The regulariser's five scalars as one value, and the argument checks of SPEC section 5.
+
+Checks are raised when the op is called (not in the backward), by every entry point.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import astuple, dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class Params:
+    """alpha, beta (weights of the variance and covariance terms), eps (inside the square root),
+    gamma (target standard deviation), delta (None: squared covariances; a number: the paper's
+    smooth L1 with that threshold). SPEC section 2."""
+
+    alpha: float
+    beta: float
+    eps: float = 1e-4
+    gamma: float = 1.0
+    delta: Optional[float] = None
+
+    @classmethod
+    def of(cls, alpha, beta, eps, gamma, delta) -> "Params":
+        """From the op's arguments, as Python floats (a backend may pass them to compiled code)."""
+        return cls(float(alpha), float(beta), float(eps), float(gamma), None if delta is None else float(delta))
+
+    def values(self) -> tuple:
+        """(alpha, beta, eps, gamma, delta): the order of the op schemas."""
+        return astuple(self)
+
+    def check(self) -> None:
+        if not self.eps > 0:
+            raise ValueError(f"vcreg: eps must be > 0, got {self.eps}")
+        if not self.alpha >= 0:
+            raise ValueError(f"vcreg: alpha must be >= 0, got {self.alpha}")
+        if not self.beta >= 0:
+            raise ValueError(f"vcreg: beta must be >= 0, got {self.beta}")
+        if self.delta is not None and not self.delta > 0:
+            raise ValueError(f"vcreg: delta must be > 0 or None, got {self.delta}")
+        if not math.isfinite(self.gamma):
+            raise ValueError(f"vcreg: gamma must be finite, got {self.gamma}")
+
+
+def check_args(x: torch.Tensor, params: Params, dim: int, *, min_samples: int = 2) -> int:
+    """Validate the op's arguments; return ``dim`` normalised to ``0 <= dim < x.dim()``.
+
+    ``min_samples=0`` for the cross-rank mode, where only the global n must reach 2 (checked in
+    the backward, identically on every rank: ``distributed.py``).
+    """
+    if not x.is_floating_point():
+        raise TypeError(f"vcreg: x must be a floating-point tensor, got dtype {x.dtype}")
+    d = x.size(dim)  # IndexError for an out-of-range dim, with torch's own message
+    dim = dim % x.dim()
+    shape = tuple(x.shape)
+    if d == 0:
+        raise ValueError(f"vcreg: the feature dimension dim={dim} of x with shape {shape} is empty (d = 0)")
+    n = math.prod(shape) // d
+    if n < min_samples:
+        raise ValueError(
+            f"vcreg: needs at least 2 samples, got n = {n} for x of shape {shape} with feature dim={dim}"
+        )
+    params.check()
+    return dim
