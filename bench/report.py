@@ -33,9 +33,9 @@ from __future__ import annotations
 import os
 
 if __name__ == "__main__":
-    # Before torch loads libgomp. On small VMs, OpenMP's default wait policy made parallel ops
-    # stall ~30 ms each after the main thread had been busy in Python (BatchNorm 1 ms -> 32 ms
-    # on the 2-vCPU machine this was written on), which hits every implementation at random.
+    # Before torch loads libgomp. On small VMs, OpenMP's default wait policy makes parallel ops
+    # stall ~30 ms each after the main thread has been busy in Python (BatchNorm 1 ms -> 32 ms
+    # on a 2-vCPU machine), which hits every implementation at random.
     # Sleeping workers remove that; OMP_WAIT_POLICY=ACTIVE (or any value) is left as given.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
