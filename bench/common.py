@@ -63,6 +63,45 @@ DTYPES = (torch.float32, torch.bfloat16)
 
 
 @dataclass(frozen=True)
+class Variant:
+    """A dtype, and for float32 on a GPU the torch matmul precision it runs at (SPEC section 7:
+    torch's default and "high"); None: whatever is set (the default)."""
+
+    dtype: torch.dtype
+    matmul_precision: Optional[str] = None
+
+    @property
+    def label(self) -> str:
+        name = str(self.dtype).removeprefix("torch.")
+        return name if self.matmul_precision is None else f"{name}, matmul precision \"{self.matmul_precision}\""
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        """torch.set_float32_matmul_precision(matmul_precision) for the duration."""
+        if self.matmul_precision is None:
+            yield
+            return
+        previous = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision(self.matmul_precision)
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(previous)
+
+
+def variants(dtypes: tuple[torch.dtype, ...], device: torch.device) -> list[Variant]:
+    """The layer level's dtypes; on a GPU float32 twice: at torch's default precision ("highest")
+    and at "high" (TF32), which users switch on with torch.set_float32_matmul_precision."""
+    out = []
+    for dtype in dtypes:
+        if dtype == torch.float32 and device.type == "cuda":
+            out += [Variant(dtype, "highest"), Variant(dtype, "high")]
+        else:
+            out.append(Variant(dtype))
+    return out
+
+
+@dataclass(frozen=True)
 class Size:
     """How big and how long: one of ``SIZES``."""
 
@@ -175,6 +214,7 @@ class Case:
     label: str
     run: Callable[[], None]
     clear: Callable[[], None]
+    compile_s: Optional[float] = None  # naive_compile: the first call's time, compilation included
 
 
 def ours_key(backend: str) -> str:
@@ -267,7 +307,13 @@ def make_layer_case(key: str, shape: LayerShape, x: torch.Tensor, grad: torch.Te
         clear()
         step()
 
-    return Case(key, impl_label(key, shape), run, clear)
+    compile_s = None
+    if key == "naive_compile":  # compile now, and say how long it took
+        t0 = time.perf_counter()
+        run()
+        synchronize(x.device)
+        compile_s = time.perf_counter() - t0
+    return Case(key, impl_label(key, shape), run, clear, compile_s)
 
 
 def moved_bytes(shape: LayerShape, dtype: torch.dtype) -> int:
@@ -278,6 +324,20 @@ def moved_bytes(shape: LayerShape, dtype: torch.dtype) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # Measurement.
+
+
+def quantile(values: list[float], q: float) -> float:
+    """The q-quantile (0..1) of ``values``, linearly interpolated (p20: q = 0.2)."""
+    s = sorted(values)
+    pos = q * (len(s) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def spread(times: list[float]) -> dict[str, float]:
+    """median_s, p20_s and p80_s of ``times``."""
+    return dict(median_s=statistics.median(times), p20_s=quantile(times, 0.2), p80_s=quantile(times, 0.8))
 
 
 def synchronize(device: torch.device) -> None:

@@ -49,10 +49,11 @@ def pytest_generate_tests(metafunc):
     size = common.SIZES[_size_name(metafunc.config)]
     device = common.default_device()
     if "layer_case" in metafunc.fixturenames:
-        params = [(shape, dtype, key) for shape in size.layer_shapes for dtype in size.dtypes
-                  for key in common.layer_impl_keys(size, shape, dtype, device)]
-        metafunc.parametrize("layer_case", params,
-                             ids=[f"{s.name.replace(' ', '_')}-{str(dt)[6:]}-{k}" for s, dt, k in params])
+        params = [(shape, v, key) for shape in size.layer_shapes for v in common.variants(size.dtypes, device)
+                  for key in common.layer_impl_keys(size, shape, v.dtype, device)]
+        metafunc.parametrize("layer_case", params, ids=[
+            f"{s.name.replace(' ', '_')}-{str(v.dtype)[6:]}{'-' + v.matmul_precision if v.matmul_precision else ''}-{k}"
+            for s, v, k in params])
     if "network_case" in metafunc.fixturenames:
         from bench.networks import NETWORKS, network_impl_keys
 

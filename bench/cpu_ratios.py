@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import time
 from typing import Callable
 
@@ -29,9 +28,10 @@ import torch
 
 import vcreg_kernels
 from vcreg_kernels import dispatch
+from vcreg_kernels._params import Params
 from vcreg_kernels.reference import gradient_matrix
 
-from .common import ALPHA, BETA, EPS, PAPER_SHAPES, LayerShape
+from .common import ALPHA, BETA, EPS, PAPER_SHAPES, LayerShape, spread
 
 BATCHES = (4, 16)
 SHAPES: tuple[LayerShape, ...] = tuple(s.with_batch(b) for b in BATCHES for s in PAPER_SHAPES)
@@ -56,7 +56,7 @@ class EagerVCReg(torch.autograd.Function):
         n = X.shape[0]
         Xc = X - X.mean(0)
         C = Xc.T @ Xc / (n - 1)
-        G, _ = gradient_matrix(C, n, ALPHA, BETA, EPS, 1.0, None)
+        G, _ = gradient_matrix(C, n, Params(ALPHA, BETA, EPS))
         return grad_y + (Xc @ G).view(moved.shape).movedim(-1, ctx.dim), None
 
 
@@ -109,20 +109,9 @@ def measure(shape: LayerShape, reps: int, warmup: int = 2) -> dict[str, list[flo
     return times
 
 
-def quantile(values: list[float], q: float) -> float:
-    """The q-quantile (0..1) of ``values``, linearly interpolated (p20: q = 0.2)."""
-    s = sorted(values)
-    pos = q * (len(s) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
 def summary(times: dict[str, list[float]]) -> dict:
     """Median, p20 and p80 of each case, and the ratios of the medians."""
-    out: dict = {}
-    for k, v in times.items():
-        out[k] = dict(median_s=statistics.median(v), p20_s=quantile(v, 0.2), p80_s=quantile(v, 0.8))
+    out: dict = {k: spread(v) for k, v in times.items()}
     med = {k: out[k]["median_s"] for k in times}
     out["ours_over_eager"] = med["ours"] / med["eager"]
     out["ours_over_naive"] = med["ours"] / med["naive"]

@@ -29,8 +29,8 @@ also counts the thread-local scratch a kernel keeps between calls (the cpu backe
 d x d accumulators); the cold one is the memory the step needs. On a GPU one number
 (``torch.cuda.max_memory_allocated``).
 
-bench/report.py's "Loss level" section: ``run_loss_level(size_name, device, log)`` -> rows,
-``loss_markdown(rows, meta)`` -> the section's Markdown lines.
+bench/report.py's "Loss level" section: ``run_loss_level(size_name, device, log)`` -> rows
+(``loss_level_rows`` of them), ``loss_markdown(rows, meta)`` -> the section's Markdown lines.
 """
 from __future__ import annotations
 
@@ -42,7 +42,6 @@ if __name__ == "__main__":
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import statistics  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
@@ -57,7 +56,6 @@ from pytest_benchmark.utils import get_commit_info  # noqa: E402
 import vcreg_kernels  # noqa: E402
 
 from . import common  # noqa: E402
-from .cpu_ratios import quantile  # noqa: E402
 
 SIM, STD, COV = 25.0, 25.0, 1.0  # facebookresearch/vicreg's defaults (and ours)
 MiB = 1 << 20
@@ -201,8 +199,7 @@ def measure_group(n: int, d: int, dtype: torch.dtype, device: torch.device, size
             rows[k]["times_s"] += common.time_rounds(cases[k].run, device, 1)
     for k in live:
         t = rows[k]["times_s"]
-        rows[k].update(median_s=statistics.median(t), p20_s=quantile(t, 0.2), p80_s=quantile(t, 0.8),
-                       rounds=len(t), warmup=size.warmup)
+        rows[k].update(**common.spread(t), rounds=len(t), warmup=size.warmup)
         rows[k]["peak_bytes"] = common.peak_bytes(cases[k], device)
         rows[k]["peak_bytes_cold"] = peak_bytes_cold(cases[k], device)
         cases[k].clear()
@@ -229,6 +226,11 @@ def run_loss_level(size_name: str, device: torch.device, log: Optional[Callable[
     ``device``: one row per (n, d, dtype, implementation), see ``measure_group``. ``log``: one line
     per row as it is measured (None: quiet)."""
     return run_loss_level_size(SIZES[size_name], device, log)
+
+
+def loss_level_rows(size_name: str, device: torch.device) -> int:
+    """How many rows ``run_loss_level`` returns (for a progress count)."""
+    return len(SIZES[size_name].cases) * len(impl_keys(device))
 
 
 def _mib(b: Optional[int]) -> str:

@@ -4,32 +4,38 @@
     python -m bench.report --quick    # a few minutes on a 2-core CPU
     python -m bench.report --smoke    # seconds; checks that the report runs
 
-Runs on the device present (CUDA/ROCm GPU, else CPU) and writes, under
-bench/results/<device-name>/:
+Runs on the device present (CUDA/ROCm GPU, else CPU) and writes, under out/report/<device-name>/
+(ignored by git; ``--out bench/results/<device-name>`` updates the committed results on purpose):
 
 * report.json: pytest-benchmark's JSON layout (``machine_info``, ``commit_info``, ``benchmarks``
   with ``stats`` and ``extra_info``, ``datetime``, ``version``), so ``pytest-benchmark compare``
-  reads it, plus a ``vcreg`` object with the run's metadata, the paper's Table 8 and the
-  issue-#2 CPU ratios. Each benchmark's ``extra_info`` holds the derived columns below.
+  reads it, plus a ``vcreg`` object with the run's metadata, the paper's Table 8, the CPU
+  section and every error row. Each benchmark's ``extra_info`` holds the derived columns below.
 * report.md: the Markdown tables printed at the end.
 * report.png: median time per implementation per shape (and per network), log scale.
 
 Layer level: one layer's forward+backward on one activation (bench/common.py), at the paper's
-Table 8 shapes (batch 128; batch 4 in --quick), float32 and bfloat16. Columns: median time,
+Table 8 shapes (batch 128; batch 4 in --quick), float32 (on a GPU at torch's default matmul
+precision and at "high") and bfloat16. Columns: median time with p20 and p80,
 ratios to identity and to BN/LN, the naive implementation's time over this one, achieved GB/s
 (bytes a fused pass must move: x twice, grad_y once, grad_x once, over the median time) and its
 fraction of the copy bandwidth measured in the same run, and peak memory above identity's.
 Network level (bench/networks.py): ViT-B/32, ConvNeXt-T and ResNet-50 with a layer after every
 block, forward+backward, beside the paper's own Table 8 as ratios to identity.
+CPU section (bench/cpu_ratios.py): the cpu backend against an eager autograd.Function computing
+the same gradient and against the BLAS floor, at the layer shapes at batch 4 and 16, interleaved.
+
+A row whose implementation fails records the error and the report goes on; the command then
+exits with status 1, after writing everything.
 """
 from __future__ import annotations
 
 import os
 
 if __name__ == "__main__":
-    # Before torch loads libgomp. On small VMs, OpenMP's default wait policy made parallel ops
-    # stall ~30 ms each after the main thread had been busy in Python (BatchNorm 1 ms -> 32 ms
-    # on the 2-vCPU machine this was written on), which hits every implementation at random.
+    # Before torch loads libgomp. On small VMs, OpenMP's default wait policy makes parallel ops
+    # stall ~30 ms each after the main thread has been busy in Python (BatchNorm 1 ms -> 32 ms
+    # on a 2-vCPU machine), which hits every implementation at random.
     # Sleeping workers remove that; OMP_WAIT_POLICY=ACTIVE (or any value) is left as given.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -53,12 +59,14 @@ from pytest_benchmark.stats import Stats  # noqa: E402
 from pytest_benchmark.utils import get_commit_info  # noqa: E402
 
 from . import common, cpu_ratios  # noqa: E402
-from .common import (ALPHA, BETA, EPS, SIZES, LayerShape, Size, auto_backend,  # noqa: E402
+from .common import (ALPHA, BETA, EPS, SIZES, LayerShape, Size, Variant, auto_backend,  # noqa: E402
                      benchmarked_backends, forced_backend, impl_label, layer_impl_keys, make_inputs,
                      make_layer_case, measure, moved_bytes, ours_key, peak_bytes, release_memory)
 from .networks import NETWORKS, NetworkBench, network_impl_keys  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+# Fresh output goes to this ignored folder; ``--out bench/results/<device>`` updates committed results.
+OUT = ROOT / "out" / "report"
 
 MiB = 1 << 20
 
@@ -116,7 +124,8 @@ def _measure_group(factories: dict[str, Callable[[], common.Case]], device: torc
             case = factory()
             progress.step(f"{what} {case.label}")
             times = measure(case.run, device, warmup, min_rounds, max_rounds, budget_s, warmup_s)
-            row.update(times_s=times, median_s=statistics.median(times), rounds=len(times), warmup=warmup)
+            row.update(times_s=times, **common.spread(times), rounds=len(times), warmup=warmup,
+                       compile_s=case.compile_s)
             row["peak_bytes"] = peak_bytes(case, device)
             progress.result(_fmt_time(row["median_s"]))
         except Exception as e:  # noqa: BLE001
@@ -152,22 +161,26 @@ def _add_ratios(rows: list[dict], norm_key: str = "norm") -> None:
 # The three parts of the report.
 
 
-def layer_plan(size: Size, device: torch.device) -> list[tuple[LayerShape, torch.dtype, list[str]]]:
-    return [(s, dt, layer_impl_keys(size, s, dt, device)) for s in size.layer_shapes for dt in size.dtypes]
+def layer_plan(size: Size, device: torch.device) -> list[tuple[LayerShape, Variant, list[str]]]:
+    return [(s, v, layer_impl_keys(size, s, v.dtype, device)) for s in size.layer_shapes
+            for v in common.variants(size.dtypes, device)]
 
 
-def _layer_group(size: Size, shape: LayerShape, dtype: torch.dtype, keys: list[str], device: torch.device,
+def _layer_group(size: Size, shape: LayerShape, variant: Variant, keys: list[str], device: torch.device,
                  copy_bw: float, auto: str, progress: Progress) -> list[dict]:
+    dtype = variant.dtype
     x, grad = make_inputs(shape, dtype, device)
     nbytes = moved_bytes(shape, dtype)
     factories = {k: (lambda k=k: make_layer_case(k, shape, x, grad, size)) for k in keys}
-    measured = _measure_group(factories, device, size.warmup, size.warmup_s, size.min_rounds, size.max_rounds,
-                              size.row_budget_s, progress, f"layer {shape.label} {str(dtype)[6:]}")
+    with variant.active():
+        measured = _measure_group(factories, device, size.warmup, size.warmup_s, size.min_rounds, size.max_rounds,
+                                  size.row_budget_s, progress, f"layer {shape.label} {variant.label}")
     group = []
     for key in keys:
         row = measured[key]
         row.update(level="layer", shape_name=shape.name, shape=list(shape.shape), dim=shape.dim,
-                   dtype=str(dtype)[6:], impl=key, label=impl_label(key, shape), bytes=nbytes,
+                   dtype=str(dtype)[6:], matmul_precision=variant.matmul_precision, variant=variant.label,
+                   impl=key, label=impl_label(key, shape), bytes=nbytes,
                    auto=key == ours_key(auto))
         t = row.get("median_s") if key != "identity" else None  # identity moves none of those bytes
         row["gbps"] = nbytes / t / 1e9 if t else None
@@ -179,8 +192,8 @@ def _layer_group(size: Size, shape: LayerShape, dtype: torch.dtype, keys: list[s
 
 def run_layer_level(size: Size, device: torch.device, copy_bw: float, auto: str, progress: Progress) -> list[dict]:
     rows = []
-    for shape, dtype, keys in layer_plan(size, device):
-        rows += _layer_group(size, shape, dtype, keys, device, copy_bw, auto, progress)
+    for shape, variant, keys in layer_plan(size, device):
+        rows += _layer_group(size, shape, variant, keys, device, copy_bw, auto, progress)
         release_memory(device)
     return rows
 
@@ -289,7 +302,8 @@ def to_markdown(report: dict) -> str:
         f"- our backends timed here: {', '.join(meta['backends']) or 'none'} (`auto` picks `{meta['auto_backend']}`, "
         f"marked *); alpha={ALPHA}, beta={BETA}, eps={EPS}, gamma=1, delta=None",
         f"- copy bandwidth measured in this run: {meta['copy_bandwidth_Bps'] / 1e9:.1f} GB/s (bytes read + written "
-        f"by a large on-device copy); timer: {meta['timer']}; TF32 matmul {meta['tf32_matmul']}, "
+        f"by a large on-device copy); timer: {meta['timer']}; float32 matmul precision "
+        f"\"{meta['float32_matmul_precision']}\" (TF32 matmul {meta['tf32_matmul']}), "
         f"cuDNN TF32 {meta['tf32_cudnn']}; {meta['torch_threads']} torch threads, OMP_WAIT_POLICY "
         f"{meta['omp_wait_policy'] or 'unset'}",
         f"- peak memory: {meta['memory_method']}",
@@ -309,23 +323,26 @@ def to_markdown(report: dict) -> str:
             "Identity's backward hands `grad` to `x.grad` without a copy, so it measures the autograd "
             "floor. GB/s: 4 activation-sized tensors (x twice, grad_y, grad_x) over the median time. "
             "Extra peak: memory allocated during the step above identity's (grad_x included). "
-            "naive ÷: how many times faster than naive autograd.",
+            "naive ÷: how many times faster than naive autograd. Median [p20, p80] over the rounds; the "
+            "ratios are of medians. The naive + torch.compile row states its compile time (the first call's).",
             "",
         ]
-        for dtype in dict.fromkeys(r["dtype"] for r in layer):
-            lines += [f"### {dtype}", "",
-                      "| shape | implementation | median | × identity | × BN/LN | naive ÷ | GB/s | % copy BW "
+        for variant in dict.fromkeys(r["variant"] for r in layer):
+            lines += [f"### {variant}", "",
+                      "| shape | implementation | median [p20, p80] | × identity | × BN/LN | naive ÷ | GB/s | % copy BW "
                       "| extra peak MiB |",
                       "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-            for r in (r for r in layer if r["dtype"] == dtype):
+            for r in (r for r in layer if r["variant"] == variant):
                 shape = f"{r['shape_name']} {tuple(r['shape'])}"
                 name = r["label"] + (" *" if r.get("auto") else "")
+                if r.get("compile_s") is not None:
+                    name += f" (compile {r['compile_s']:.1f} s)"
                 if r["error"]:
                     lines.append(f"| {shape} | {name} | {r['error']} | | | | | | |")
                     continue
                 extra = r.get("peak_extra_bytes")
                 lines.append(
-                    f"| {shape} | {name} | {_fmt_time(r['median_s'])} | {_fmt(r['ratio_identity'], '.1f')} | "
+                    f"| {shape} | {name} | {_fmt_spread(r)} | {_fmt(r['ratio_identity'], '.1f')} | "
                     f"{_fmt(r['ratio_norm'])} | {_fmt(r['naive_over'])} | {_fmt(r['gbps'], '.1f')} | "
                     f"{_fmt(r['copy_bw_fraction'] and 100 * r['copy_bw_fraction'], '.0f')} | "
                     f"{_fmt(extra and extra / MiB, '.1f') if extra is not None else 'n/a'} |")
@@ -341,7 +358,7 @@ def to_markdown(report: dict) -> str:
             "training mode, a layer after every block (ViT-B/32: 12 EncoderBlocks, tokens, LayerNorm as BN; "
             "ConvNeXt-T: 18 CNBlocks; ResNet-50: 16 Bottlenecks).",
             "",
-            "| network | inserted | implementation | median | × identity | overhead | extra peak MiB |",
+            "| network | inserted | implementation | median [p20, p80] | × identity | overhead | extra peak MiB |",
             "| --- | ---: | --- | ---: | ---: | ---: | ---: |",
         ]
         for r in net:
@@ -350,7 +367,7 @@ def to_markdown(report: dict) -> str:
                 lines.append(f"| {r['network']} | | {name} | {r['error']} | | | |")
                 continue
             extra = r.get("peak_extra_bytes")
-            lines.append(f"| {r['network']} | {r['n_inserted']} | {name} | {_fmt_time(r['median_s'])} | "
+            lines.append(f"| {r['network']} | {r['n_inserted']} | {name} | {_fmt_spread(r)} | "
                          f"{_fmt(r['ratio_identity'])} | {_overhead(r['ratio_identity'])} | "
                          f"{_fmt(extra and extra / MiB, '.0f') if extra is not None else 'n/a'} |")
         lines.append("")
@@ -418,8 +435,8 @@ def write_plot(report: dict, path: Path) -> Optional[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed: no plot"
-    panels = [(f"layer, {dt}", [r for r in report["layer"] if r["dtype"] == dt], "shape_name")
-              for dt in dict.fromkeys(r["dtype"] for r in report["layer"])]
+    panels = [(f"layer, {v}", [r for r in report["layer"] if r["variant"] == v], "shape_name")
+              for v in dict.fromkeys(r["variant"] for r in report["layer"])]
     if report["network"]:
         panels.append(("network, float32", report["network"], "network"))
     if not panels:
@@ -453,6 +470,11 @@ def write_plot(report: dict, path: Path) -> Optional[str]:
     return None
 
 
+def error_rows(report: dict) -> list[dict]:
+    """Every row of every section whose measurement failed."""
+    return [r for section in ("layer", "network", "cpu_ratios") for r in report[section] if r["error"]]
+
+
 def to_benchmark_json(report: dict, commit_info: dict) -> dict:
     """pytest-benchmark's JSON layout, with the report's own fields under ``vcreg``."""
     benchmarks = []
@@ -465,8 +487,9 @@ def to_benchmark_json(report: dict, commit_info: dict) -> dict:
         stats_dict = stats.as_dict()
         stats_dict.update(data=r["times_s"], iterations=1)
         if r["level"] == "layer":
-            group = f"layer {r['dtype']} {r['shape_name']} {tuple(r['shape'])}"
-            param = f"{r['shape_name']}-{r['dtype']}-{r['impl']}"
+            group = f"layer {r['variant']} {r['shape_name']} {tuple(r['shape'])}"
+            precision = f"-{r['matmul_precision']}" if r["matmul_precision"] else ""
+            param = f"{r['shape_name']}-{r['dtype']}{precision}-{r['impl']}"
         else:
             group = f"network {r['network']} batch {r['batch']} {r['image']}px"
             param = f"{r['network']}-{r['impl']}"
@@ -483,8 +506,7 @@ def to_benchmark_json(report: dict, commit_info: dict) -> dict:
         benchmarks=benchmarks,
         datetime=report["meta"]["date"],
         version=pytest_benchmark_version,
-        vcreg=dict({k: v for k, v in report.items() if k not in ("layer", "network")},
-                   errors=[r for r in report["layer"] + report["network"] if r["error"]]),
+        vcreg=dict({k: v for k, v in report.items() if k not in ("layer", "network")}, errors=error_rows(report)),
     )
 
 
@@ -502,9 +524,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--no-layer", action="store_true", help="skip the layer level")
     p.add_argument("--no-network", action="store_true", help="skip the network level")
     p.add_argument("--no-compile", action="store_true", help="skip the naive + torch.compile rows")
-    p.add_argument("--no-cpu-ratios", action="store_true", help="skip the issue-#2 CPU ratio rows")
+    p.add_argument("--no-cpu-ratios", action="store_true", help="skip the CPU section (cpu backend vs eager vs BLAS)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads for the run (default: torch's)")
-    p.add_argument("--out", type=Path, help="output folder (default: bench/results/<device-name>)")
+    p.add_argument("--out", type=Path, help="output folder (default: out/report/<device-name>, ignored by git; "
+                   "bench/results/<device-name> updates the committed results)")
     return p.parse_args(argv)
 
 
@@ -520,7 +543,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         torch.set_num_threads(threads)
     if args.no_compile:
         size = dataclasses.replace(size, compile_dtypes=())
-    out_dir = args.out or RESULTS / common.device_slug(device)
+    out_dir = args.out or OUT / common.device_slug(device)
     backends = benchmarked_backends(device)
     auto = auto_backend(device)
 
@@ -547,6 +570,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         commit=f"{commit_info['id'][:12]}{'-dirty' if commit_info['dirty'] else ''}",
         backends=backends, auto_backend=auto, copy_bandwidth_Bps=copy_bw, timer=common.timer_name(device),
         tf32_matmul=torch.backends.cuda.matmul.allow_tf32, tf32_cudnn=torch.backends.cudnn.allow_tf32,
+        float32_matmul_precision=torch.get_float32_matmul_precision(),
         torch_threads=torch.get_num_threads(), omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
         argv=sys.argv[1:] if argv is None else argv,
         memory_method=("torch.cuda.max_memory_allocated during one step, minus the memory allocated before it"
@@ -571,8 +595,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
     print(markdown)
     print(f"wrote {out_dir / 'report.md'}, {out_dir / 'report.json'}"
           + (f" ({plot_note})" if plot_note else f", {out_dir / 'report.png'}"))
+    errors = error_rows(report)
+    if errors:
+        print(f"{len(errors)} rows failed (ERROR in the tables above); "
+              "VCREG_BENCH_TRACEBACK=1 prints their tracebacks", file=sys.stderr)
     return report
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if error_rows(main()) else 0)

@@ -1,7 +1,8 @@
 """Layer level of SPEC section 7 under pytest-benchmark: one layer's forward+backward per shape,
-dtype and implementation (bench/common.py), one benchmark group per shape and dtype. Each test
-also checks that what it timed regularises: the gradient of naive + torch.compile and of each
-backend of ours matches naive autograd's, and the paper's Algorithm 1 adds a non-zero one."""
+dtype (and on a GPU float32 matmul precision) and implementation (bench/common.py), one benchmark
+group per shape and variant. Each test also checks that what it timed regularises: the gradient
+of naive + torch.compile and of each backend of ours matches naive autograd's, and the paper's
+Algorithm 1 adds a non-zero one."""
 import torch
 
 from bench import common
@@ -13,12 +14,19 @@ TOLERANCE = {torch.float32: 2e-3, torch.bfloat16: 2e-2}
 
 
 def test_layer(benchmark, layer_case, bench_size, device):
-    shape, dtype, key = layer_case
+    shape, variant, key = layer_case
+    with variant.active():
+        _check_layer(benchmark, shape, variant, key, bench_size, device)
+
+
+def _check_layer(benchmark, shape, variant, key, bench_size, device):
+    dtype = variant.dtype
     x, grad = common.make_inputs(shape, dtype, device)
     case = common.make_layer_case(key, shape, x, grad, bench_size)
-    benchmark.group = f"layer {str(dtype)[6:]} {shape.label}"
+    benchmark.group = f"layer {variant.label} {shape.label}"
     nbytes = common.moved_bytes(shape, dtype)
-    benchmark.extra_info.update(shape=list(shape.shape), dim=shape.dim, dtype=str(dtype)[6:], impl=key,
+    benchmark.extra_info.update(shape=list(shape.shape), dim=shape.dim, dtype=str(dtype)[6:],
+                                matmul_precision=variant.matmul_precision, impl=key,
                                 label=case.label, bytes=nbytes)
 
     t = common.pedantic(benchmark, case, device, bench_size)

@@ -1,20 +1,33 @@
-"""The main job, ``python -m bench.report``, end to end at smoke size: it runs, and writes the
-JSON (pytest-benchmark's layout), the Markdown and the plot it promises."""
+"""The main job, ``python -m bench.report``, end to end at smoke size: every section runs without
+an error row and it writes the JSON (pytest-benchmark's layout), the Markdown and the plot it
+promises, where it is told to."""
 import json
 
 from bench import report
 
 
 def test_report_smoke(tmp_path, capsys):
-    out = report.main(["--smoke", "--no-cpu-ratios", "--out", str(tmp_path)])
+    out = report.main(["--smoke", "--out", str(tmp_path)])
 
-    rows = out["layer"] + out["network"]
-    assert rows and not [r["error"] for r in rows if r["error"]]
+    assert out["layer"] and out["network"] and out["cpu_ratios"]
+    assert report.error_rows(out) == []
     data = json.loads((tmp_path / "report.json").read_text())
     assert {"machine_info", "commit_info", "benchmarks", "datetime", "version", "vcreg"} <= set(data)
-    assert len(data["benchmarks"]) == len(rows)
+    assert len(data["benchmarks"]) == len(out["layer"]) + len(out["network"])
     assert all(b["stats"]["median"] > 0 for b in data["benchmarks"])
+    assert data["vcreg"]["errors"] == []
     markdown = (tmp_path / "report.md").read_text()
-    assert "## Layer level" in markdown and "Beside the paper's Table 8" in markdown
+    assert "## Layer level" in markdown and "Beside the paper's Table 8" in markdown and "## CPU" in markdown
+    assert "ERROR" not in markdown
+    assert "(compile " in markdown  # the naive + torch.compile rows state their compile time
     assert (tmp_path / "report.png").stat().st_size > 0
     assert "| ViT-B/32 | paper, × identity | 1.00 | 6.40 | 1.10 | 1.11 | +9.9% |" in capsys.readouterr().out
+
+
+def test_error_rows_are_found_in_every_section():
+    ok, bad = {"error": None}, {"error": "TypeError: x"}
+    assert report.error_rows({"layer": [ok], "network": [ok], "cpu_ratios": [ok]}) == []
+    for section in ("layer", "network", "cpu_ratios"):
+        rep = {"layer": [ok], "network": [ok], "cpu_ratios": [ok]}
+        rep[section] = [ok, bad]
+        assert report.error_rows(rep) == [bad]

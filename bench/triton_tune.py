@@ -91,9 +91,9 @@ class Sweep:
 
     def __init__(self, shape: LayerShape, dtype: torch.dtype, device: torch.device, rounds: int):
         x, grad = make_inputs(shape, dtype, device)
-        canon = _layout.canonical_view(x.detach(), shape.dim % x.dim())
-        self.x3 = canon.x3
-        self.gy3 = _layout.same_layout(grad, canon, shape.dim % x.dim())
+        layout = _layout.choose(x.detach(), shape.dim % x.dim())
+        self.x3 = _layout.canonical(x.detach(), layout)
+        self.gy3 = _layout.canonical(grad, layout)
         self.dtype, self.device, self.rounds = dtype, device, rounds
         d = self.x3.shape[1]
         acc = accumulate_dtype(dtype)
@@ -104,7 +104,7 @@ class Sweep:
         self.want_apply = self.apply_out()
 
     def stats_out(self) -> torch.Tensor:
-        return tk._finalize(self.x3, tk._stats(self.x3), False)[0]  # M2
+        return tk._finalize(tk._stats(self.x3))[0]  # M2
 
     def apply_out(self) -> torch.Tensor:
         return tk.vcreg_apply_triton(self.gy3, self.x3, self.G, self.mu)

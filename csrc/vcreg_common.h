@@ -1,7 +1,7 @@
 // Argument checks shared by the compiled kernels of vcreg::backward_kernel, stats_kernel and
 // apply_kernel (csrc/vcreg_cpu.cpp, csrc/cuda/). Torch headers only, so that any device's
 // translation unit can include it. The public checks of SPEC section 5 live in Python
-// (vcreg_kernels/_checks.py); these guard the ops' own contract: canonical (B, d, L) views
+// (vcreg_kernels/_params.py); these guard the ops' own contract: canonical (B, d, L) tensors
 // (vcreg_kernels/_layout.py) with n = B * L samples and d features.
 #pragma once
 
@@ -21,8 +21,12 @@ inline at::ScalarType accumulate_type(at::ScalarType t) {
 
 inline int64_t num_samples(const at::Tensor& x3) { return x3.size(0) * x3.size(2); }
 
+// Canonical: a contiguous (B, d, L) tensor (vcreg_kernels/_layout.py decides the layout once and
+// hands every backend such tensors; "rows" is L == 1).
 inline void check_canonical(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 3, "vcreg: ", name, " must be a canonical (B, d, L) view, got shape ", t.sizes());
+  TORCH_CHECK(t.dim() == 3 && t.is_contiguous(), "vcreg: ", name,
+              " must be a contiguous canonical (B, d, L) tensor, got shape ", t.sizes(), " and strides ",
+              t.strides());
   TORCH_CHECK(at::isFloatingType(t.scalar_type()), "vcreg: ", name, " must be floating point, got ",
               t.scalar_type());
   TORCH_CHECK_VALUE(t.size(1) >= 1, "vcreg: ", name, " has no features (d = 0), shape ", t.sizes());
@@ -43,7 +47,7 @@ inline void check_grad_pair(const at::Tensor& gy3, const at::Tensor& x3) {
 inline void check_backward_args(const at::Tensor& gy3, const at::Tensor& x3) {
   check_grad_pair(gy3, x3);
   TORCH_CHECK_VALUE(num_samples(x3) >= 2, "vcreg: needs at least 2 samples, got n = ", num_samples(x3),
-                    " for a (B, d, L) view of shape ", x3.sizes());
+                    " for a (B, d, L) tensor of shape ", x3.sizes());
 }
 
 inline void check_apply_args(const at::Tensor& gy3, const at::Tensor& x3, const at::Tensor& G,

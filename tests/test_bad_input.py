@@ -1,7 +1,9 @@
 """Every row of SPEC section 5: errors raised when the op is called, naming the offending value."""
+import dataclasses
 import os
 import subprocess
 import sys
+import types
 import warnings
 
 import pytest
@@ -113,6 +115,23 @@ def test_auto_falls_back_to_reference_with_one_warning(monkeypatch):
         assert dispatch.resolve_backend(x) == "reference"
         assert dispatch.resolve_backend(x) == "reference"
     assert len([w for w in caught if "reference backend" in str(w.message)]) == 1
+
+
+def test_auto_on_a_gpu_prefers_cuda_then_triton(monkeypatch):
+    """SPEC section 4: a GPU tensor goes to cuda if built, else triton, else reference."""
+    x = types.SimpleNamespace(device=torch.device("cuda"))  # only its device type is read
+    monkeypatch.setattr(dispatch, "_warned", set())
+    missing: set[str] = set()
+    for name in ("cuda", "triton"):
+        record = dispatch.backend(name)
+        monkeypatch.setitem(dispatch._RECORDS, name, dataclasses.replace(
+            record, unavailable=lambda device_type, name=name: "missing" if name in missing else None))
+    assert dispatch.resolve_backend(x, "auto") == "cuda"
+    missing.add("cuda")
+    assert dispatch.resolve_backend(x, "auto") == "triton"
+    missing.add("triton")
+    with pytest.warns(RuntimeWarning, match="reference backend"):
+        assert dispatch.resolve_backend(x, "auto") == "reference"
 
 
 def test_environment_variable_sets_the_default():

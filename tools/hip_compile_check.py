@@ -198,6 +198,7 @@ def main() -> int:
         for sm in args.cuda:
             errors += check_cuda(sm, work)
     if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(
             f"# Resources of the CUDA kernels' device code ({HEADER.relative_to(ROOT)})\n\n"
             f"Written by `python tools/hip_compile_check.py {' '.join(sys.argv[1:])}` on "

@@ -2,7 +2,7 @@
 machine without a GPU (SPEC section 6), and write the resource report.
 
     python tools/triton_aot_check.py [--targets cuda:80,cuda:90,hip:gfx906,hip:gfx90a,hip:gfx942]
-                                     [--jobs N] [--out bench/results/triton_resources.md]
+                                     [--jobs N] [--out out/triton_resources.md]
 
 The cases come from ``vcreg_kernels.triton_kernels.aot_cases`` (which reads the same ``CONFIGS``
 table as the dispatching host code), so every configuration the host code can launch is compiled.
@@ -112,7 +112,9 @@ def main(argv=None) -> int:
     parser.add_argument("--targets", default=",".join(f"{b}:{a}" for b, a in tk.AOT_TARGETS))
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--filter", default="", help="only cases whose label contains this")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "triton_resources.md"))
+    parser.add_argument("--out", default=str(ROOT / "out" / "triton_resources.md"),
+                        help="the resource report (default: out/, ignored by git; "
+                        "bench/results/triton_resources.md updates the committed one)")
     args = parser.parse_args(argv)
     targets = [_parse_target(t) for t in args.targets.split(",") if t]
     items = [(tg, i) for tg in targets for i, c in enumerate(tk.aot_cases(tg)) if args.filter in c.label]

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from . import dispatch
-from ._checks import check_args, check_scale
+from ._params import Params, check_args, check_scale
 from .reference import accumulate_dtype
 
 _lib = torch.library.Library("vcreg", "DEF")
@@ -44,16 +44,16 @@ _lib.define("stats_kernel(Tensor x) -> (Tensor, Tensor)")
 _lib.define("apply_kernel(Tensor grad_y, Tensor x, Tensor G, Tensor mu) -> Tensor")
 
 
-def _backward(grad_y, x, alpha, beta, eps, gamma, delta, dim, group, scale="exact"):
+def _backward(grad_y, x, params: Params, dim, group, scale="exact"):
     """(grad_x, terms): both backward ops' implementation; ``dispatch`` picks the backend."""
     # In the cross-rank mode only the global n must reach 2: distributed.py checks it.
-    dim = check_args(x, alpha, beta, eps, gamma, delta, dim, min_samples=2 if group is None else 0)
+    dim = check_args(x, params, dim, min_samples=2 if group is None else 0)
     if grad_y.shape != x.shape:
         raise ValueError(f"vcreg: grad_y has shape {tuple(grad_y.shape)}, x has {tuple(x.shape)}")
     # A backward run inside torch.autocast would otherwise cast the reference's matmuls (and the
     # finalisation's) to bf16/fp16: the backends keep their own precision policy (SPEC section 2).
     with torch.autocast(x.device.type, enabled=False):
-        return dispatch.vcreg_backward(grad_y, x, alpha, beta, eps, gamma, delta, dim, group=group, scale=scale)
+        return dispatch.vcreg_backward(grad_y, x, params, dim, group=group, scale=scale)
 
 
 @torch.library.custom_op("vcreg::fused_backward", mutates_args=())
@@ -68,7 +68,7 @@ def fused_backward(
     dim: int,
 ) -> torch.Tensor:
     """grad_y + d(loss)/dx of SPEC section 2, on the backend ``dispatch`` picks."""
-    grad_x, _terms = _backward(grad_y, x, alpha, beta, eps, gamma, delta, dim, None)
+    grad_x, _terms = _backward(grad_y, x, Params.of(alpha, beta, eps, gamma, delta), dim, None)
     return grad_x
 
 
@@ -91,7 +91,7 @@ def fused_backward_terms(
     scale: str = "exact",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(fused_backward's grad_x, tensor([l_var, l_cov])); with ``group``, over the whole group's batch."""
-    return _backward(grad_y, x, alpha, beta, eps, gamma, delta, dim, group, scale)
+    return _backward(grad_y, x, Params.of(alpha, beta, eps, gamma, delta), dim, group, scale)
 
 
 @fused_backward_terms.register_fake
@@ -129,15 +129,16 @@ class _VCRegFunction(torch.autograd.Function):
         return (grad_x,) + (None,) * 9
 
 
-def vcreg_function(x, alpha, beta, eps, gamma, delta, dim, terms_out=None, group=None, scale="exact"):
+def vcreg_function(x, params: Params, dim, terms_out=None, group=None, scale="exact"):
     """``fused``, and what ``VCReg`` calls: also logs the terms into ``terms_out``, syncs over ``group``."""
-    dim = check_args(x, alpha, beta, eps, gamma, delta, dim, min_samples=2 if group is None else 0)
+    dim = check_args(x, params, dim, min_samples=2 if group is None else 0)
     check_scale(scale)
-    return _VCRegFunction.apply(x, alpha, beta, eps, gamma, delta, dim, terms_out, group, scale)
+    # The scalars travel separately: autograd.Function arguments that torch.compile traces as constants.
+    return _VCRegFunction.apply(x, *params.values(), dim, terms_out, group, scale)
 
 
 def _fused(x, alpha, beta, eps=1e-4, gamma=1.0, delta=None, dim=-1, scale="exact"):
-    return vcreg_function(x, alpha, beta, eps, gamma, delta, dim, scale=scale)
+    return vcreg_function(x, Params(alpha, beta, eps, gamma, delta), dim, scale=scale)
 
 
 _lib.impl("fused", _fused, "CompositeImplicitAutograd")

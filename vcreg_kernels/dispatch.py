@@ -1,41 +1,53 @@
-"""Which backend runs: the one place that decides (SPEC section 4).
+"""Which backend runs: the one place that decides (SPEC section 4), and what a backend is.
 
-Every backend has the same host signature and computes SPEC section 2 on canonical views
-(see ``_layout``)::
+A backend is one ``Backend`` record. Its halves work on canonical (B, d, L) tensors (``_layout``;
+they assert them, never re-derive them)::
 
-    vcreg_backward_<name>(gy3, x3, alpha, beta, eps, gamma, delta) -> (grad_x3, terms)
+    stats(x3) -> (mu, M2 = Xc^T Xc)                                 accumulate dtype
+    apply(gy3, x3, G, mu) -> grad_y + (X - mu) @ G                  canonical, grad_y's dtype
+    backward(gy3, x3, params) -> (grad_y + Xc @ G, [l_var, l_cov])  optional: one fused pass
 
-with ``x3``, ``gy3`` of shape (B, d, L), ``grad_x3`` in x3's strides and grad_y's dtype, and
-``terms = tensor([l_var, l_cov])`` (unweighted, accumulate dtype) for logging; and its two halves,
-for the cross-rank mode (``distributed.py``), which all-reduces the statistics between them::
+and, for the VICReg loss (``vicreg.py``) on two branches za3, zb3 of one shape and layout::
 
-    vcreg_stats_<name>(x3) -> (mu, M2 = Xc^T Xc)                    (accumulate dtype)
-    vcreg_apply_<name>(gy3, x3, G, mu) -> grad_y + (X - mu) @ G     (x3's strides, grad_y's dtype)
+    pair_stats(za3, zb3) -> (mu_a, M2_a, mu_b, M2_b, sum (Z_a - Z_b)^2)      optional: one pass over both
+    pair_apply(g, za3, zb3, G_a, mu_a, G_b, mu_b, c) -> (grad_a3, grad_b3)     optional: one pass writing both
+        grad_a3 = g (c (Z_a - Z_b) + (Z_a - mu_a) @ G_a), likewise b with c (Z_b - Z_a); g, c 0-dim tensors
 
-| backend   | tensors                                   | code                          |
-| --------- | ----------------------------------------- | ----------------------------- |
-| triton    | CUDA/ROCm; CPU only under TRITON_INTERPRET=1 | vcreg_kernels/triton_kernels.py |
-| cuda      | CUDA/ROCm                                 | csrc/cuda/ via vcreg::backward_kernel |
-| cpu       | CPU                                       | csrc/vcreg_cpu.cpp via vcreg::backward_kernel |
-| reference | any                                       | vcreg_kernels/reference.py    |
+With no fused ``backward`` the halves are composed around ``reference.gradient_matrix``; the
+cross-rank mode (``distributed.py``) always composes them, all-reducing the statistics between.
+With no pair kernels they are composed too (``reference.pair_stats_of_halves``,
+``pair_apply_of_halves``). A backend keeps a fused kernel only where it is faster than that composition.
+
+| backend   | tensors                                      | code                                    |
+| --------- | -------------------------------------------- | --------------------------------------- |
+| cuda      | CUDA/ROCm                                    | csrc/cuda/, the CUDA key of vcreg::*_kernel |
+| triton    | CUDA/ROCm; CPU only under TRITON_INTERPRET=1 | vcreg_kernels/triton_kernels.py         |
+| cpu       | CPU                                          | csrc/vcreg_cpu.cpp, the CPU key         |
+| reference | any                                          | vcreg_kernels/reference.py              |
 
 ``auto`` (the default, or the environment variable ``VCREG_BACKEND``): a GPU tensor goes to
-triton if it imports, else cuda if built, else reference with one warning; a CPU tensor to cpu
-if built, else reference with one warning.
+cuda if built, else triton if it imports, else reference with one warning; a CPU tensor to cpu
+if built, else reference with one warning. (cuda comes first on a GPU because it was the faster
+of the two at every layer shape and dtype measured, bench/results/nvidia-h100-80gb-hbm3/.)
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import importlib
 import importlib.util
 import os
 import warnings
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
 from . import _extension, _layout
+from ._params import Params
 from .distributed import vcreg_backward_sync
-from .reference import vcreg_apply_reference, vcreg_backward_reference, vcreg_stats_reference
+from .reference import (backward_of_halves, pair_apply_of_halves, pair_stats_of_halves, vcreg_apply_reference,
+                        vcreg_stats_reference, vicreg_pair_apply_reference, vicreg_pair_stats_reference)
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
 
@@ -57,8 +69,42 @@ def get_backend() -> str:
     return _backend
 
 
-def _triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+@dataclass(frozen=True)
+class Backend:
+    """One backend: its name, whether it runs here, and its kernels (see the module docstring)."""
+
+    name: str
+    unavailable: Callable[[str], Optional[str]]  # device type -> what is missing, None if it runs
+    stats: Callable
+    apply: Callable
+    backward: Optional[Callable] = None
+    pair_stats: Optional[Callable] = None
+    pair_apply: Optional[Callable] = None
+
+    def run_backward(self, gy3: torch.Tensor, x3: torch.Tensor, params: Params):
+        if self.backward is not None:
+            return self.backward(gy3, x3, params)
+        return backward_of_halves(self.stats, self.apply, gy3, x3, params)
+
+    def run_pair_stats(self, za3: torch.Tensor, zb3: torch.Tensor):
+        if self.pair_stats is not None:
+            return self.pair_stats(za3, zb3)
+        return pair_stats_of_halves(self.stats, za3, zb3)
+
+    def run_pair_apply(self, *args):
+        if self.pair_apply is not None:
+            return self.pair_apply(*args)
+        return pair_apply_of_halves(self.apply, *args)
+
+
+def _lazy(module: str, name: str) -> Callable:
+    """``module.name``, imported when first called (triton is imported only if its backend runs)."""
+
+    def call(*args):
+        return getattr(importlib.import_module(module, __package__), name)(*args)
+
+    call.__qualname__ = f"{module.lstrip('.')}.{name}"
+    return call
 
 
 @functools.cache
@@ -72,35 +118,59 @@ def triton_importable() -> bool:
     return True
 
 
-def _why_unavailable(name: str, device_type: str) -> Optional[str]:
-    """None if backend ``name`` can run on ``device_type`` here, else what is missing."""
-    gpu = device_type == "cuda"
-    if name == "reference":
-        return None
-    if name == "triton":
-        if not triton_importable():
-            return "the triton package is not importable"
-        if not gpu and not (device_type == "cpu" and _triton_interpret()):
-            return f"triton runs on {device_type} tensors only under TRITON_INTERPRET=1 (CPU) or on a GPU"
-        return None
-    if name in ("cpu", "cuda"):
-        if name == "cpu" and device_type != "cpu":
-            return f"the cpu backend takes CPU tensors, got a {device_type} tensor"
-        if name == "cuda" and not gpu:
-            return f"the cuda backend takes CUDA tensors, got a {device_type} tensor"
-        if not _extension.has_kernel(name):
+def _triton_unavailable(device_type: str) -> Optional[str]:
+    if not triton_importable():
+        return "the triton package is not importable"
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if device_type != "cuda" and not (device_type == "cpu" and interpreting):
+        return f"triton runs on {device_type} tensors only under TRITON_INTERPRET=1 (CPU) or on a GPU"
+    return None
+
+
+def _compiled_unavailable(key: str) -> Callable[[str], Optional[str]]:
+    def why(device_type: str) -> Optional[str]:
+        if device_type != key:
+            return f"the {key} backend takes {key.upper()} tensors, got a {device_type} tensor"
+        if not _extension.has_kernel(key):
             return (
-                f"the compiled extension vcreg_kernels._C has no {name.upper()} kernel "
+                f"the compiled extension vcreg_kernels._C has no {key.upper()} kernel "
                 "(build it with `pip install --no-build-isolation -e .`"
-                + (", with FORCE_CUDA=1 and a CUDA toolkit for the cuda backend)" if name == "cuda" else ")")
+                + (", with FORCE_CUDA=1 and a CUDA toolkit for the cuda backend)" if key == "cuda" else ")")
             )
         return None
-    raise ValueError(name)
+
+    return why
+
+
+def _compiled_backward(gy3: torch.Tensor, x3: torch.Tensor, params: Params):
+    return torch.ops.vcreg.backward_kernel(gy3, x3, *params.values())
+
+
+def _compiled(key: str) -> Backend:
+    # vcreg::*_kernel, whose CPU and CUDA kernels register under their dispatch keys (csrc/). Looked
+    # up at call time: _ops defines the schemas after importing this module.
+    return Backend(key, _compiled_unavailable(key), lambda x3: torch.ops.vcreg.stats_kernel(x3),
+                   lambda gy3, x3, G, mu: torch.ops.vcreg.apply_kernel(gy3, x3, G, mu), _compiled_backward)
+
+
+_RECORDS: dict[str, Backend] = {
+    "triton": Backend("triton", _triton_unavailable, _lazy(".triton_kernels", "vcreg_stats_triton"),
+                      _lazy(".triton_kernels", "vcreg_apply_triton"), _lazy(".triton_kernels", "vcreg_backward_triton")),
+    "cuda": _compiled("cuda"),
+    "cpu": _compiled("cpu"),
+    "reference": Backend("reference", lambda device_type: None, vcreg_stats_reference, vcreg_apply_reference,
+                         pair_stats=vicreg_pair_stats_reference, pair_apply=vicreg_pair_apply_reference),
+}
+
+
+def backend(name: str) -> Backend:
+    """The record of backend ``name`` (not "auto")."""
+    return _RECORDS[name]
 
 
 def available_backends(device_type: str) -> list[str]:
     """The backends (not "auto") that can run on tensors of ``device_type`` on this machine."""
-    return [b for b in BACKENDS[1:] if _why_unavailable(b, device_type) is None]
+    return [b for b in BACKENDS[1:] if _RECORDS[b].unavailable(device_type) is None]
 
 
 def _warn_once(msg: str) -> None:
@@ -114,77 +184,28 @@ def resolve_backend(x: torch.Tensor, name: Optional[str] = None) -> str:
     name = name or _backend
     device_type = x.device.type
     if name != "auto":
-        why = _why_unavailable(name, device_type)
+        why = _RECORDS[name].unavailable(device_type)
         if why is not None:
             raise RuntimeError(f"vcreg backend {name!r} is unavailable: {why}")
         return name
     if device_type == "cuda":
-        for candidate in ("triton", "cuda"):
-            if _why_unavailable(candidate, device_type) is None:
+        for candidate in ("cuda", "triton"):
+            if _RECORDS[candidate].unavailable(device_type) is None:
                 return candidate
-        _warn_once("vcreg: neither triton nor the compiled CUDA extension is available; using the slow reference backend")
+        _warn_once("vcreg: neither the compiled CUDA extension nor triton is available; using the slow reference backend")
     elif device_type == "cpu":
-        if _why_unavailable("cpu", device_type) is None:
+        if _RECORDS["cpu"].unavailable(device_type) is None:
             return "cpu"
         _warn_once("vcreg: the compiled CPU extension is not built; using the slow reference backend")
     return "reference"
 
 
-def _compiled_kernel(gy3, x3, alpha, beta, eps, gamma, delta):
-    return torch.ops.vcreg.backward_kernel(gy3, x3, alpha, beta, eps, gamma, delta)
-
-
-def _triton_kernel(gy3, x3, alpha, beta, eps, gamma, delta):
-    from .triton_kernels import vcreg_backward_triton
-
-    return vcreg_backward_triton(gy3, x3, alpha, beta, eps, gamma, delta)
-
-
-def _compiled_stats(x3):
-    return torch.ops.vcreg.stats_kernel(x3)
-
-
-def _compiled_apply(gy3, x3, G, mu):
-    return torch.ops.vcreg.apply_kernel(gy3, x3, G, mu)
-
-
-def _triton_stats(x3):
-    from .triton_kernels import vcreg_stats_triton
-
-    return vcreg_stats_triton(x3)
-
-
-def _triton_apply(gy3, x3, G, mu):
-    from .triton_kernels import vcreg_apply_triton
-
-    return vcreg_apply_triton(gy3, x3, G, mu)
-
-
-_IMPLEMENTATIONS: dict[str, Callable] = {
-    "triton": _triton_kernel,
-    "cuda": _compiled_kernel,  # csrc/cuda: vcreg_backward_cuda, the CUDA key of vcreg::backward_kernel
-    "cpu": _compiled_kernel,  # csrc/vcreg_cpu.cpp: vcreg_backward_cpu, the CPU key
-    "reference": vcreg_backward_reference,
-}
-# The halves (stats, apply) of each backend, for the cross-rank mode.
-_HALVES: dict[str, tuple[Callable, Callable]] = {
-    "triton": (_triton_stats, _triton_apply),
-    "cuda": (_compiled_stats, _compiled_apply),  # vcreg::stats_kernel / apply_kernel, CUDA key
-    "cpu": (_compiled_stats, _compiled_apply),  # the CPU key
-    "reference": (vcreg_stats_reference, vcreg_apply_reference),
-}
-
-
 def vcreg_backward(
     grad_y: torch.Tensor,
     x: torch.Tensor,
-    alpha: float,
-    beta: float,
-    eps: float,
-    gamma: float,
-    delta: Optional[float],
+    params: Params,
     dim: int,
-    backend: Optional[str] = None,
+    backend_name: Optional[str] = None,
     group: Optional[str] = None,
     scale: str = "exact",
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,19 +216,15 @@ def vcreg_backward(
     group's batch: the backend's halves around the all-reduces of ``distributed.py``.
     ``scale="paper"``: beta * (n - 1) is the covariance coefficient (n: the group's, with ``group``).
     """
-    name = resolve_backend(x, backend)
-    canon = _layout.canonical_view(x, dim)
+    record = _RECORDS[resolve_backend(x, backend_name)]
+    layout = _layout.choose(x, dim)
+    x3 = _layout.canonical(x, layout)
+    gy3 = _layout.canonical(grad_y, layout)
     if group is None:
-        impl = _IMPLEMENTATIONS[name]
         if scale == "paper":
-            beta = beta * (canon.x3.shape[0] * canon.x3.shape[2] - 1)
+            params = dataclasses.replace(params, beta=params.beta * (layout.B * layout.L - 1))
+        g3, terms = record.run_backward(gy3, x3, params)
     else:
-        stats, apply = _HALVES[name]
-        impl = functools.partial(vcreg_backward_sync, group=group, stats=stats, apply=apply, paper=scale == "paper")
-    gy3 = _layout.same_layout(grad_y, canon, dim)
-    g3, terms = impl(gy3, canon.x3, float(alpha), float(beta), float(eps), float(gamma),
-                     None if delta is None else float(delta))
-    grad_x = _layout.restore(g3, canon, x, dim)
-    if canon.copied:  # keep x's own layout, as the fake implementation promises
-        grad_x = torch.empty_like(x, dtype=grad_y.dtype).copy_(grad_x)
-    return grad_x, terms
+        g3, terms = vcreg_backward_sync(gy3, x3, params, group=group, stats=record.stats, apply=record.apply,
+                                        paper=scale == "paper")
+    return _layout.restore(g3, layout, x), terms

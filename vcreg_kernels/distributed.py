@@ -1,8 +1,8 @@
 """The cross-rank mode (SPEC sections 8 and 9): statistics of the batch of a whole process group.
 
 Like SyncBatchNorm, but only in the backward, and the rows never leave their rank. On canonical
-views ``x3``, ``gy3``: (B, d, L) of this rank's n_r rows (n_r may be 0 or 1), with the same host
-signature as a backend (``dispatch``)::
+tensors ``x3``, ``gy3``: (B, d, L) of this rank's n_r rows (n_r may be 0 or 1), with a backend's
+halves (``dispatch.Backend``)::
 
     each rank:    (mu_r, M2_r) = stats(x3)                          the backend's first half
     all-reduce 1: [n_r, n_r mu_r]  (float64, d + 1 numbers)         -> n = sum n_r, mu = sum n_r mu_r / n
@@ -46,11 +46,13 @@ and its invariance sum with it, in its forward.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
+from ._params import Params
 from .reference import accumulate_dtype, gradient_matrix, vcreg_apply_reference, vcreg_stats_reference
 
 WORLD = "world"  # the key of the default group, resolved when the backward runs
@@ -129,11 +131,7 @@ def merge_statistics(
 def vcreg_backward_sync(
     gy3: torch.Tensor,
     x3: torch.Tensor,
-    alpha: float,
-    beta: float,
-    eps: float,
-    gamma: float,
-    delta: Optional[float],
+    params: Params,
     *,
     group: str,
     stats: Callable,
@@ -162,9 +160,9 @@ def vcreg_backward_sync(
 
     n, [(mu, m2)], _ = merge_statistics(pg, n_local, [(mu_r, m2_r)], too_few)
     n_acc = n.to(acc)  # a 0-dim device tensor: gradient_matrix takes it like an int, no host sync
-    if paper:
-        beta = beta * (n_acc - 1)
-    G, terms = gradient_matrix(m2 / (n_acc - 1), n_acc, alpha, beta, eps, gamma, delta)
+    if paper:  # beta becomes a 0-dim device tensor too: known only after the merge
+        params = dataclasses.replace(params, beta=params.beta * (n_acc - 1))
+    G, terms = gradient_matrix(m2 / (n_acc - 1), n_acc, params)
     if world != 1:
         G = G * world
     return (vcreg_apply_reference if tiny else apply)(gy3, x3, G, mu), terms

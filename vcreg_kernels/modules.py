@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from . import _ops
-from ._checks import check_scale
+from ._params import Params, check_scale
 from .distributed import group_key
 
 
@@ -91,8 +91,8 @@ class VCReg(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return x
-        return _ops.vcreg_function(x, self.alpha, self.beta, self.eps, self.gamma, self.delta,
-                                   self.feature_dim(x), self.terms, self._group, self.scale)
+        params = Params(self.alpha, self.beta, self.eps, self.gamma, self.delta)
+        return _ops.vcreg_function(x, params, self.feature_dim(x), self.terms, self._group, self.scale)
 
     def extra_repr(self) -> str:
         sync = f", sync=True, process_group={self.process_group}" if self.sync else ""

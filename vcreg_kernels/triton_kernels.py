@@ -1,6 +1,6 @@
 """The ``triton`` backend: VCReg's backward as three passes over memory (SPEC sections 2 and 4).
 
-x: (B, d, L) canonical view (see ``_layout``), n = B*L samples, X (n x d) its rows::
+x: (B, d, L) canonical tensor (see ``_layout``), n = B*L samples, X (n x d) its rows::
 
     "rows": L == 1, strides (d, 1, 1)     X[r, j]        at r*d + j       (contiguous along j)
     "bdl":  strides (d*L, L, 1)           X[(b, l), j]   at b*d*L + j*L + l (contiguous along l)
@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import os
 import struct
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -70,6 +69,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._layout import check_apply_operands, check_canonical
+from ._params import Params
 from .reference import accumulate_dtype
 
 # --------------------------------------------------------------------------------------------
@@ -149,7 +150,6 @@ APPLY_PROGRAMS_PER_SM = 8
 
 _TORCH_DTYPE_CLASS = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "f16", torch.float64: "f64"}
 _TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float64: tl.float64}
-_INT32_MAX = 2**31 - 1
 
 
 def _dclass(dtype: torch.dtype) -> str:
@@ -184,10 +184,6 @@ def apply_config(d: int, dtype: torch.dtype, target: Optional[tuple] = None) -> 
 # --------------------------------------------------------------------------------------------
 # Precision policy (see the module docstring).
 # --------------------------------------------------------------------------------------------
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 _NO_MATRIX_UNITS = ("gfx906",)  # AMD archs whose tl.dot lowers to FMA anyway
@@ -514,23 +510,6 @@ class _Geometry:
         return (self.n, self.d, self.L, self.n_lb, self.n_tiles)
 
 
-def _is_rows(t: torch.Tensor) -> bool:
-    B, d, L = t.shape
-    return L == 1 and (d == 1 or t.stride(1) == 1) and (B == 1 or t.stride(0) == d)
-
-
-def _readable(x3: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """x3 in a layout the kernels read in place ("rows" or "bdl"), copying only if needed."""
-    B, d, L = x3.shape
-    if _is_rows(x3):
-        return x3, True
-    if not x3.is_contiguous():
-        x3 = x3.contiguous()
-    if d * L > _INT32_MAX:  # a tile's int32 offsets would overflow: read it row-major instead
-        return x3.transpose(1, 2).contiguous().view(B * L, d, 1), True
-    return x3, False
-
-
 def _geometry(x3: torch.Tensor, rows: bool, block_s: int) -> _Geometry:
     B, d, L = x3.shape
     if rows:
@@ -556,10 +535,11 @@ def _stats(x3: torch.Tensor):
     target = _target_of(x3)
     acc_t, dot_t, prec = precision(dtype, target)
     torch_acc = accumulate_dtype(dtype)
-    xr, rows = _readable(x3)
-    cfg = stats_config(xr.shape[1], dtype, target)
+    check_canonical(x3)
+    rows = x3.shape[2] == 1
+    cfg = stats_config(x3.shape[1], dtype, target)
     bd, bs = cfg["BLOCK_D"], cfg["BLOCK_S"]
-    geo = _geometry(xr, rows, bs)
+    geo = _geometry(x3, rows, bs)
     nb = triton.cdiv(geo.d, bd)
     n_pairs = nb * (nb + 1) // 2
     chunks, per = _stats_plan(geo, n_pairs, _num_sms(x3))
@@ -569,7 +549,7 @@ def _stats(x3: torch.Tensor):
     K = torch.empty((chunks, d), dtype=torch_acc, device=x3.device)
     N = torch.empty((chunks,), dtype=torch_acc, device=x3.device)
     _stats_kernel[(chunks * n_pairs,)](
-        xr, P, S, K, N, *geo.args(), per, n_pairs, geo.stride_s, geo.stride_d,
+        x3, P, S, K, N, *geo.args(), per, n_pairs, geo.stride_s, geo.stride_d,
         ROWS=rows, BLOCK_D=bd, BLOCK_S=bs, ACC=acc_t, DOT=dot_t, PRECISION=prec,
         **cfg.launch(target),
     )
@@ -586,8 +566,11 @@ def _split(x: float) -> tuple[float, float]:
     return hi, x - hi
 
 
-def _finalize(x3, stats, write_g, alpha=0.0, beta=0.0, eps=1.0, gamma=0.0, delta=None):
+def _finalize(stats, params: Optional[Params] = None):
+    """mu and, with ``params``, G (else M2) and the terms' per-block partial sums."""
     P, S, K, N, n, d, acc_t = stats
+    write_g = params is not None
+    alpha, beta, eps, gamma, delta = params.values() if write_g else (0.0, 0.0, 1.0, 0.0, None)
     cfg = CONFIGS["finalize"]
     bf = cfg["BLOCK_F"]
     nbf = triton.cdiv(d, bf)
@@ -607,60 +590,42 @@ def _finalize(x3, stats, write_g, alpha=0.0, beta=0.0, eps=1.0, gamma=0.0, delta
 def vcreg_stats_triton(x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(mu, M2): column means (d) and M2 = Xc^T Xc (d x d, symmetric) of x3: (B, d, L),
     in the accumulate dtype."""
-    M2, mu, _ = _finalize(x3, _stats(x3), write_g=False)
+    M2, mu, _ = _finalize(_stats(x3))
     return mu, M2
 
 
 def vcreg_apply_triton(gy3: torch.Tensor, x3: torch.Tensor, G: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
-    """grad_y + (X - mu) @ G on (B, d, L) views; returns x3's sizes and strides, grad_y's dtype."""
+    """grad_y + (X - mu) @ G on canonical (B, d, L) tensors, in grad_y's dtype."""
+    check_canonical(x3, gy3, min_samples=0)
+    check_apply_operands(x3, G, mu)
     B, d, L = x3.shape
+    rows = L == 1
     dtype = x3.dtype
     acc_t, dot_t, prec = precision(dtype, _target_of(x3))
     torch_acc = accumulate_dtype(dtype)
     G = G.to(torch_acc).contiguous()
     mu = mu.to(torch_acc).contiguous()
-    xr, rows = _readable(x3)
-    in_place = xr is x3
-    # grad_y is read, and grad_x written, in xr's layout; grad_x ends in x3's strides.
-    if not in_place and xr.shape != x3.shape:  # the row-major fallback of _readable
-        gy3 = gy3.transpose(1, 2).contiguous().view(xr.shape)
-    elif not (_is_rows(gy3) if rows else gy3.is_contiguous()):
-        gy3 = torch.empty_strided(xr.shape, xr.stride(), dtype=gy3.dtype, device=gy3.device).copy_(gy3)
-    if in_place:
-        out = torch.empty_strided(x3.shape, x3.stride(), dtype=gy3.dtype, device=x3.device)
-    else:
-        out = torch.empty_strided(xr.shape, xr.stride(), dtype=gy3.dtype, device=x3.device)
+    out = torch.empty_like(x3, dtype=gy3.dtype)
     target = _target_of(x3)
     cfg = apply_config(d, dtype, target)
     bj, bk, bs = cfg["BLOCK_J"], cfg["BLOCK_K"], cfg["BLOCK_S"]
-    geo = _geometry(xr, rows, bs)
+    geo = _geometry(x3, rows, bs)
     n_jb = triton.cdiv(d, bj)
     groups = max(1, min(geo.n_tiles, triton.cdiv(APPLY_PROGRAMS_PER_SM * _num_sms(x3), n_jb)))
     per = triton.cdiv(geo.n_tiles, groups)
     groups = triton.cdiv(geo.n_tiles, per)
     _apply_kernel[(groups * n_jb,)](
-        xr, gy3, out, G, mu, *geo.args(), per, n_jb, geo.stride_s, geo.stride_d,
+        x3, gy3, out, G, mu, *geo.args(), per, n_jb, geo.stride_s, geo.stride_d,
         ROWS=rows, BLOCK_J=bj, BLOCK_K=bk, BLOCK_S=bs,
         ACC=acc_t, DOT=dot_t, PRECISION=prec, **cfg.launch(target),
     )
-    if not in_place:
-        if out.shape != x3.shape:
-            out = out.view(B, L, d).transpose(1, 2)
-        out = torch.empty_strided(x3.shape, x3.stride(), dtype=out.dtype, device=out.device).copy_(out)
     return out
 
 
-def vcreg_backward_triton(
-    gy3: torch.Tensor,
-    x3: torch.Tensor,
-    alpha: float,
-    beta: float,
-    eps: float,
-    gamma: float,
-    delta: Optional[float],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """grad_x = grad_y + Xc @ G and tensor([l_var, l_cov]) on canonical (B, d, L) views."""
-    G, mu, parts = _finalize(x3, _stats(x3), True, alpha, beta, eps, gamma, delta)
+def vcreg_backward_triton(gy3: torch.Tensor, x3: torch.Tensor, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
+    """grad_x = grad_y + Xc @ G and tensor([l_var, l_cov]) on canonical (B, d, L) tensors."""
+    check_canonical(x3, gy3, min_samples=2)
+    G, mu, parts = _finalize(_stats(x3), params)
     d = x3.shape[1]
     terms = torch.empty((2,), dtype=G.dtype, device=G.device)
     cfg = CONFIGS["terms"]

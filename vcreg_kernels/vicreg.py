@@ -1,7 +1,7 @@
 """The VICReg loss on the VCReg kernels (SPEC section 9): ``vicreg_loss``, ``VICRegLoss``, ``vicreg_terms``.
 
 z_a, z_b: (..., d), every leading dimension a sample dimension; za3, zb3 their canonical (B, d, L)
-views (``_layout``; zb3 in za3's layout), Z_a, Z_b (n x d) their rows. Per branch mu, M2 = Xc^T Xc
+tensors (``_layout``, both in z_a's layout), Z_a, Z_b (n x d) their rows. Per branch mu, M2 = Xc^T Xc
 (the backend's statistics) and G of SPEC section 2 at alpha = std_coeff / 2, beta = cov_coeff (d - 1);
 then, with the formula of ``reference.vicreg_terms_of``,
 
@@ -20,10 +20,9 @@ Ops, custom ops with fake implementations, so that torch.compile(fullgraph=True)
   -> (loss, terms, G_a, G_b, mu_a, mu_b, c)``, all in the accumulate dtype (loss, c: 0-dim);
 * ``vcreg::vicreg_backward(g, z_a, z_b, G_a, G_b, mu_a, mu_b, c) -> (grad_z_a, grad_z_b)``, in z's dtype.
 
-What each backend runs: ``pair_kernels(backend)``, the one place that says it. A backend may supply
-fused pair kernels (``PairKernels``: one pass over both branches for the statistics and the
-invariance sum, one pass writing both gradients); without them its two halves of ``dispatch``
-(stats, apply) are composed (``composed_pair_kernels``).
+What each backend runs: its record's ``run_pair_stats`` and ``run_pair_apply`` (``dispatch.Backend``):
+its own fused pair kernels where it has them (one pass over both branches for the statistics and
+the invariance sum, one pass writing both gradients), else its two halves composed.
 
 Cross-rank mode (``group``, a ``distributed.group_key``): n, n mu and the invariance sum of each
 rank (one all-reduce, float64), then each branch's M2 about the global mean (``distributed.
@@ -34,98 +33,25 @@ W), so that DDP's average of parameter gradients is one process's on the concate
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from . import _layout, dispatch
-from ._checks import check_vicreg_args
+from ._params import Params, check_vicreg_args
 from .distributed import group_key, merge_statistics, process_group
 from .reference import (accumulate_dtype, gradient_matrix_, vicreg_pair_apply_reference,
                         vicreg_pair_stats_reference)
 
 # ---------------------------------------------------------------------------------------------
-# What each backend runs.
-
-
-@dataclass(frozen=True)
-class PairKernels:
-    """A backend's VICReg kernels on two canonical views za3, zb3 (same shape and layout):
-
-        stats(za3, zb3) -> (mu_a, M2_a, mu_b, M2_b, inv_sum)       accumulate dtype; M2 fresh
-                           (overwritten by G), inv_sum = sum (Z_a - Z_b)^2 (0-dim)
-        apply(g, za3, zb3, G_a, mu_a, G_b, mu_b, c) -> (grad_a3, grad_b3)     za3's strides and dtype
-                           grad_a3 = g (c (Z_a - Z_b) + (Z_a - mu_a) @ G_a), likewise b with c (Z_b - Z_a)
-
-    g and c are 0-dim device tensors (accumulate dtype): no host sync.
-    """
-
-    stats: Callable
-    apply: Callable
-
-
-# Backends with their own fused pair kernels. The rest compose their halves (``pair_kernels``).
-FUSED_PAIR_KERNELS: dict[str, PairKernels] = {
-    "reference": PairKernels(vicreg_pair_stats_reference, vicreg_pair_apply_reference),
-}
-
-_INVARIANCE_BLOCK_BYTES = 4 << 20  # the difference is formed this much at a time
-
-
-def _invariance_sum(za3: torch.Tensor, zb3: torch.Tensor) -> torch.Tensor:
-    """sum (Z_a - Z_b)^2 in the accumulate dtype, a block of samples at a time (no n x d temporary)."""
-    acc = accumulate_dtype(za3.dtype)
-    B = za3.shape[0]
-    step = max(1, _INVARIANCE_BLOCK_BYTES // max(1, za3[0].numel() * acc.itemsize))
-    total = za3.new_zeros((), dtype=acc)
-    for b0 in range(0, B, step):
-        total += (za3[b0:b0 + step].to(acc) - zb3[b0:b0 + step].to(acc)).square_().sum()
-    return total
-
-
-def composed_pair_kernels(stats_half: Callable, apply_half: Callable) -> PairKernels:
-    """The pair kernels of a backend without fused ones, from its halves (``dispatch``):
-
-        stats_half(x3) -> (mu, M2),   apply_half(gy3, x3, G, mu) -> gy3 + (X - mu) @ G
-
-    Two passes over each branch for the statistics and the invariance sum, one over each for the
-    gradients. No backend's apply writes into its grad_y today, so the invariance part, handed to
-    apply as grad_y, is one n x d temporary beyond the gradients (shared by both: b's is its negative).
-    """
-
-    def stats(za3, zb3):
-        mu_a, m2_a = stats_half(za3)
-        mu_b, m2_b = stats_half(zb3)
-        return mu_a, m2_a, mu_b, m2_b, _invariance_sum(za3, zb3)
-
-    def apply(g, za3, zb3, G_a, mu_a, G_b, mu_b, c):
-        # g is applied after the apply, and float16 goes through float32: the parts before the
-        # multiplication by g (a GradScaler's 2^16) are ~1/(n d) and would underflow in float16.
-        work = torch.float32 if za3.dtype == torch.float16 else za3.dtype
-        inv = torch.sub(za3, zb3).to(work).mul_(c)
-        grad_a = apply_half(inv, za3, G_a, mu_a)
-        grad_b = apply_half(inv.neg_(), zb3, G_b, mu_b)
-        del inv
-        return grad_a.mul_(g).to(za3.dtype), grad_b.mul_(g).to(za3.dtype)
-
-    return PairKernels(stats, apply)
-
-
-def pair_kernels(backend: str) -> PairKernels:
-    """What ``backend`` runs for the VICReg loss: its fused pair kernels, else its halves composed."""
-    fused = FUSED_PAIR_KERNELS.get(backend)
-    return fused if fused is not None else composed_pair_kernels(*dispatch._HALVES[backend])
-
-
-# ---------------------------------------------------------------------------------------------
 # The ops.
 
 
-def _views(z_a: torch.Tensor, z_b: torch.Tensor) -> tuple[_layout.Canonical, torch.Tensor]:
-    canon = _layout.canonical_view(z_a, z_a.dim() - 1)
-    return canon, _layout.same_layout(z_b, canon, z_b.dim() - 1)
+def _canonical(z_a: torch.Tensor, z_b: torch.Tensor) -> tuple[_layout.Layout, torch.Tensor, torch.Tensor]:
+    """The layout of z_a along its last dimension, and both branches canonical in it."""
+    layout = _layout.choose(z_a, z_a.dim() - 1)
+    return layout, _layout.canonical(z_a, layout), _layout.canonical(z_b, layout)
 
 
 def _too_few(z_a: torch.Tensor, world: int) -> Callable[[int], str]:
@@ -136,14 +62,13 @@ def _too_few(z_a: torch.Tensor, world: int) -> Callable[[int], str]:
 
 def _forward(z_a, z_b, sim_coeff, std_coeff, cov_coeff, eps, gamma, group):
     check_vicreg_args(z_a, z_b, sim_coeff, std_coeff, cov_coeff, eps, gamma, min_samples=2 if group is None else 0)
-    canon, zb3 = _views(z_a, z_b)
-    za3 = canon.x3
+    _, za3, zb3 = _canonical(z_a, z_b)
     B, d, L = za3.shape
     n_local = B * L
     acc = accumulate_dtype(z_a.dtype)
     if n_local >= 2:
-        kernels = pair_kernels(dispatch.resolve_backend(z_a))
-        mu_a, m2_a, mu_b, m2_b, inv_sum = kernels.stats(za3, zb3)
+        record = dispatch.backend(dispatch.resolve_backend(z_a))
+        mu_a, m2_a, mu_b, m2_b, inv_sum = record.run_pair_stats(za3, zb3)
     elif n_local == 1:  # the cross-rank mode only: one row, nothing for a backend to speed up
         mu_a, m2_a, mu_b, m2_b, inv_sum = vicreg_pair_stats_reference(za3, zb3)
     else:
@@ -158,8 +83,9 @@ def _forward(z_a, z_b, sim_coeff, std_coeff, cov_coeff, eps, gamma, group):
             pg, n_local, [(mu_a, m2_a), (mu_b, m2_b)], _too_few(z_a, world), extra=inv_sum)
         n, inv_sum = n64.to(acc), inv64[0].to(acc)  # 0-dim device tensors: no host sync
     # W scales the gradient (G and c), never the value or the terms.
-    G_a, var_a, cov_a = gradient_matrix_(m2_a, n, world * std_coeff / 2, world * cov_coeff * (d - 1), eps, gamma)
-    G_b, var_b, cov_b = gradient_matrix_(m2_b, n, world * std_coeff / 2, world * cov_coeff * (d - 1), eps, gamma)
+    params = Params(world * std_coeff / 2, world * cov_coeff * (d - 1), eps, gamma)
+    G_a, var_a, cov_a = gradient_matrix_(m2_a, n, params)
+    G_b, var_b, cov_b = gradient_matrix_(m2_b, n, params)
     inv = inv_sum / (n * d)
     var = (var_a + var_b) / 2
     cov = (cov_a + cov_b) * (d - 1)
@@ -195,10 +121,11 @@ def _vicreg_forward_fake(z_a, z_b, sim_coeff, std_coeff, cov_coeff, eps, gamma, 
             z_a.new_empty(d, dtype=acc), z_a.new_empty(d, dtype=acc), torch.empty_like(scalar))
 
 
-def _restore(g3: torch.Tensor, canon: _layout.Canonical, z: torch.Tensor) -> torch.Tensor:
-    grad = _layout.restore(g3, canon, z, z.dim() - 1)
-    like = torch.empty_like(z)  # the fake implementation's promise: z's own layout
-    return grad if grad.stride() == like.stride() else like.copy_(grad)
+def _restore(g3: torch.Tensor, layout: _layout.Layout, z: torch.Tensor) -> torch.Tensor:
+    """``_layout.restore``, and z_b's own strides where they differ from z_a's (the layout's)."""
+    grad = _layout.restore(g3, layout, z)
+    like = torch.empty_like(z, device="meta")  # the fake implementation's promise; allocates nothing
+    return grad if grad.stride() == like.stride() else torch.empty_like(z).copy_(grad)
 
 
 @torch.library.custom_op("vcreg::vicreg_backward", mutates_args=())
@@ -217,11 +144,11 @@ def vicreg_backward(
     if n_local == 0:  # a rank with an empty batch in the cross-rank mode
         return torch.empty_like(z_a), torch.empty_like(z_b)
     with torch.autocast(z_a.device.type, enabled=False):
-        canon, zb3 = _views(z_a, z_b)
-        apply = (pair_kernels(dispatch.resolve_backend(z_a)).apply if n_local >= 2
+        layout, za3, zb3 = _canonical(z_a, z_b)
+        apply = (dispatch.backend(dispatch.resolve_backend(z_a)).run_pair_apply if n_local >= 2
                  else vicreg_pair_apply_reference)
-        ga3, gb3 = apply(g.to(G_a.dtype), canon.x3, zb3, G_a, mu_a, G_b, mu_b, c)
-        return _restore(ga3, canon, z_a), _restore(gb3, canon, z_b)
+        ga3, gb3 = apply(g.to(G_a.dtype), za3, zb3, G_a, mu_a, G_b, mu_b, c)
+        return _restore(ga3, layout, z_a), _restore(gb3, layout, z_b)
 
 
 @vicreg_backward.register_fake

@@ -14,7 +14,6 @@
 // temporaries; Y is freed before grad_x is allocated, so the extra peak is about Y + P.
 // Nothing here waits on the device or branches on tensor values: the op is CUDA-graph capturable.
 #include <ATen/Dispatch.h>
-#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContextLight.h>
 #include <ATen/ops/empty.h>
@@ -133,15 +132,6 @@ void launch_epilogue(const at::Tensor& gy, const at::Tensor& P, const A* r, cons
 // The apply's matrix product: P = Y G ("rows", n x d) or P^T = G^T Y^T ("bdl", d x n).
 at::Tensor apply_gemm(const at::Tensor& y, const at::Tensor& Gm, const Plan& p, at::ScalarType acc) {
   return p.rows ? gemm_acc(y, Gm, acc) : gemm_acc(Gm.t(), y, acc);
-}
-
-// Results come back in x3's strides when x3 was not contiguous (the kernels ran on a copy). A
-// contiguous x3 may still carry unusual strides on size-1 dimensions: those address the same
-// elements, so a view with x3's exact strides costs nothing.
-at::Tensor in_layout_of(const at::Tensor& out, const at::Tensor& x3) {
-  if (x3.is_contiguous()) return out.as_strided(x3.sizes(), x3.strides());
-  if (at::has_internal_overlap(x3) != at::MemOverlap::No) return out;
-  return at::empty_strided(x3.sizes(), x3.strides(), out.options()).copy_(out);
 }
 
 void check_cuda(const at::Tensor& x3, const char* op) {
@@ -298,27 +288,25 @@ at::Tensor apply_impl(const at::Tensor& gy3, const at::Tensor& x3, const at::Ten
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
-// The registered kernels. Inputs in other layouts than the two fast ones are made contiguous.
+// The registered kernels. x3 and grad_y3 are canonical (contiguous; vcreg_common.h checks), so
+// the results are contiguous (B, d, L) tensors too.
 
 std::tuple<at::Tensor, at::Tensor> vcreg_stats_cuda(const at::Tensor& x3) {
   check_stats_args(x3);
   check_cuda(x3, "vcreg::stats_kernel");
   const c10::cuda::CUDAGuard guard(x3.device());
-  const at::Tensor x = x3.contiguous();
-  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "vcreg_stats_cuda",
-                                         [&] { return stats_impl<scalar_t>(x); });
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x3.scalar_type(), "vcreg_stats_cuda",
+                                         [&] { return stats_impl<scalar_t>(x3); });
 }
 
 at::Tensor vcreg_apply_cuda(const at::Tensor& gy3, const at::Tensor& x3, const at::Tensor& G, const at::Tensor& mu) {
   check_apply_args(gy3, x3, G, mu);
   check_cuda(x3, "vcreg::apply_kernel");
   const c10::cuda::CUDAGuard guard(x3.device());
-  const at::Tensor x = x3.contiguous(), gy = gy3.contiguous();
-  const auto acc = accumulate_type(x.scalar_type());
+  const auto acc = accumulate_type(x3.scalar_type());
   const at::Tensor Gc = G.to(acc).contiguous(), muc = mu.to(acc).contiguous();
-  const at::Tensor out = AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "vcreg_apply_cuda",
-                                                         [&] { return apply_impl<scalar_t>(gy, x, Gc, muc); });
-  return in_layout_of(out, x3);
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x3.scalar_type(), "vcreg_apply_cuda",
+                                         [&] { return apply_impl<scalar_t>(gy3, x3, Gc, muc); });
 }
 
 std::tuple<at::Tensor, at::Tensor> vcreg_backward_cuda(const at::Tensor& gy3, const at::Tensor& x3, double alpha,
@@ -327,11 +315,8 @@ std::tuple<at::Tensor, at::Tensor> vcreg_backward_cuda(const at::Tensor& gy3, co
   check_backward_args(gy3, x3);
   check_cuda(x3, "vcreg::backward_kernel");
   const c10::cuda::CUDAGuard guard(x3.device());
-  const at::Tensor x = x3.contiguous(), gy = gy3.contiguous();
-  auto [out, terms] = AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, x.scalar_type(), "vcreg_backward_cuda",
-      [&] { return backward_impl<scalar_t>(gy, x, alpha, beta, eps, gamma, delta); });
-  return {in_layout_of(out, x3), terms};
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x3.scalar_type(), "vcreg_backward_cuda",
+                                         [&] { return backward_impl<scalar_t>(gy3, x3, alpha, beta, eps, gamma, delta); });
 }
 
 TORCH_LIBRARY_IMPL(vcreg, CUDA, m) {

@@ -1,32 +1,60 @@
-"""Argument checks of SPEC section 5, shared by every entry point (raised when the op is called)."""
+"""The regulariser's five scalars as one value, and the argument checks of SPEC section 5.
+
+Checks are raised when the op is called (not in the backward), by every entry point.
+"""
 from __future__ import annotations
 
 import math
+from dataclasses import astuple, dataclass
 from typing import Optional
 
 import torch
+
+
+@dataclass(frozen=True)
+class Params:
+    """alpha, beta (weights of the variance and covariance terms), eps (inside the square root),
+    gamma (target standard deviation), delta (None: squared covariances; a number: the paper's
+    smooth L1 with that threshold). SPEC section 2."""
+
+    alpha: float
+    beta: float
+    eps: float = 1e-4
+    gamma: float = 1.0
+    delta: Optional[float] = None
+
+    @classmethod
+    def of(cls, alpha, beta, eps, gamma, delta) -> "Params":
+        """From the op's arguments, as Python floats (a backend may pass them to compiled code)."""
+        return cls(float(alpha), float(beta), float(eps), float(gamma), None if delta is None else float(delta))
+
+    def values(self) -> tuple:
+        """(alpha, beta, eps, gamma, delta): the order of the op schemas."""
+        return astuple(self)
+
+    def check(self) -> None:
+        if not self.eps > 0:
+            raise ValueError(f"vcreg: eps must be > 0, got {self.eps}")
+        if not self.alpha >= 0:
+            raise ValueError(f"vcreg: alpha must be >= 0, got {self.alpha}")
+        if not self.beta >= 0:
+            raise ValueError(f"vcreg: beta must be >= 0, got {self.beta}")
+        if self.delta is not None and not self.delta > 0:
+            raise ValueError(f"vcreg: delta must be > 0 or None, got {self.delta}")
+        if not math.isfinite(self.gamma):
+            raise ValueError(f"vcreg: gamma must be finite, got {self.gamma}")
 
 
 SCALES = ("exact", "paper")
 
 
 def check_scale(scale: str) -> None:
-    """``scale`` of the layer (SPEC section 3): "exact", or "paper" (beta * (n - 1) as the covariance coefficient)."""
+    """The layer's ``scale`` (SPEC section 3): "exact", or "paper" (beta * (n - 1) is the covariance coefficient)."""
     if scale not in SCALES:
         raise ValueError(f"vcreg: scale must be one of {SCALES}, got {scale!r}")
 
 
-def check_args(
-    x: torch.Tensor,
-    alpha: float,
-    beta: float,
-    eps: float,
-    gamma: float,
-    delta: Optional[float],
-    dim: int,
-    *,
-    min_samples: int = 2,
-) -> int:
+def check_args(x: torch.Tensor, params: Params, dim: int, *, min_samples: int = 2) -> int:
     """Validate the op's arguments; return ``dim`` normalised to ``0 <= dim < x.dim()``.
 
     ``min_samples=0`` for the cross-rank mode, where only the global n must reach 2 (checked in
@@ -44,16 +72,7 @@ def check_args(
         raise ValueError(
             f"vcreg: needs at least 2 samples, got n = {n} for x of shape {shape} with feature dim={dim}"
         )
-    if not eps > 0:
-        raise ValueError(f"vcreg: eps must be > 0, got {eps}")
-    if not alpha >= 0:
-        raise ValueError(f"vcreg: alpha must be >= 0, got {alpha}")
-    if not beta >= 0:
-        raise ValueError(f"vcreg: beta must be >= 0, got {beta}")
-    if delta is not None and not delta > 0:
-        raise ValueError(f"vcreg: delta must be > 0 or None, got {delta}")
-    if not math.isfinite(gamma):
-        raise ValueError(f"vcreg: gamma must be finite, got {gamma}")
+    params.check()
     return dim
 
 
