@@ -1,7 +1,7 @@
 """The VICReg loss (SPEC section 9) on every backend available here, against plain autograd of its formula.
 
 The formula is ``reference.vicreg_loss_reference`` (section 9 in plain PyTorch); each backend runs
-``vicreg.pair_kernels(backend)``: the reference backend its fused pair kernels, the others their
+its record's pair kernels (``dispatch.Backend``): the reference backend its own, the others their
 halves composed. Errors are relative Frobenius norms of a branch's gradient against float64 plain
 autograd, bounded by conftest's rule (STYLE.md): a multiple of the error plain PyTorch makes at
 the same dtype (here facebookresearch/vicreg's formula run in that dtype) plus the backend's floor,
