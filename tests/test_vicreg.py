@@ -215,6 +215,9 @@ def test_terms():
     torch.testing.assert_close(loss, (weights * module.terms).sum(), rtol=1e-6, atol=0)
     torch.testing.assert_close(vcreg_kernels.vicreg_terms(z_a, z_b, gamma=1.5), module.terms, rtol=1e-6, atol=0)
     assert "sim_coeff=20.0" in repr(module)
+    module.to("meta")  # a buffer elsewhere than the embeddings: it follows them, no copy to another device
+    module(z_a, z_b)
+    assert module.terms.device == z_a.device and module.terms.dtype == torch.float32
 
 
 class TwoViews(nn.Module):

@@ -176,9 +176,9 @@ class _VICRegFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, *_unused):
+        if g is None:  # the loss's gradient undefined (materialize_grads is off): so are z's
+            return (None,) * 8
         z_a, z_b, G_a, G_b, mu_a, mu_b, c = ctx.saved_tensors
-        if g is None:
-            g = torch.zeros((), dtype=G_a.dtype, device=G_a.device)
         grad_a, grad_b = torch.ops.vcreg.vicreg_backward(g, z_a, z_b, G_a, G_b, mu_a, mu_b, c)
         return (grad_a, grad_b) + (None,) * 6
 
@@ -250,8 +250,9 @@ class VICRegLoss(nn.Module):
     """``VICRegLoss(sim_coeff, std_coeff, cov_coeff)(z_a, z_b)``: ``vicreg_loss`` as a module.
 
     ``terms`` (a non-persistent float32 buffer): tensor([inv, var, cov]), unweighted, of the last
-    call, on the device (NaN before the first), written by the forward from what it computes
-    anyway: no extra pass, no host sync. Multiply by the coefficients for each term's share of the loss.
+    call, on the embeddings' device (NaN before the first), written by the forward from what it
+    computes anyway: no extra pass, no host sync. Multiply by the coefficients for each term's
+    share of the loss.
     """
 
     def __init__(
@@ -281,6 +282,10 @@ class VICRegLoss(nn.Module):
         loss, terms = vicreg_function(z_a, z_b, self.sim_coeff, self.std_coeff, self.cov_coeff, self.eps,
                                       self.gamma, self._group)
         with torch.no_grad():
+            if self.terms.device != terms.device:
+                # A loss module not moved with the model follows the embeddings once, rather than
+                # copying its terms to the host (a sync) at every call.
+                self.terms = torch.empty(3, device=terms.device)
             self.terms.copy_(terms)
         return loss
 
