@@ -24,6 +24,8 @@ Network level (bench/networks.py): ViT-B/32, ConvNeXt-T and ResNet-50 with a lay
 block, forward+backward, beside the paper's own Table 8 as ratios to identity.
 CPU section (bench/cpu_ratios.py): the cpu backend against an eager autograd.Function computing
 the same gradient and against the BLAS floor, at the layer shapes at batch 4 and 16, interleaved.
+Loss level (bench/loss.py): VICReg's loss, forward+backward, time and peak memory against
+facebookresearch/vicreg's formula in plain autograd (SPEC section 7).
 
 A row whose implementation fails records the error and the report goes on; the command then
 exits with status 1, after writing everything.
@@ -58,7 +60,7 @@ from pytest_benchmark.plugin import pytest_benchmark_generate_machine_info  # no
 from pytest_benchmark.stats import Stats  # noqa: E402
 from pytest_benchmark.utils import get_commit_info  # noqa: E402
 
-from . import common, cpu_ratios  # noqa: E402
+from . import common, cpu_ratios, loss  # noqa: E402
 from .common import (ALPHA, BETA, EPS, SIZES, LayerShape, Size, Variant, auto_backend,  # noqa: E402
                      benchmarked_backends, forced_backend, impl_label, layer_impl_keys, make_inputs,
                      make_layer_case, measure, moved_bytes, ours_key, peak_bytes, release_memory)
@@ -423,6 +425,8 @@ def to_markdown(report: dict) -> str:
                          f"{_fmt_spread(r['blas'])} | {_fmt_time(r['naive']['median_s'])} | "
                          f"{r['ours_over_eager']:.2f} | {r['ours_over_blas']:.2f} | {r['ours_over_naive']:.2f} |")
         lines.append("")
+    if report["loss"]:
+        lines += loss.loss_markdown(report["loss"], meta) + [""]
     return "\n".join(lines)
 
 
@@ -472,7 +476,7 @@ def write_plot(report: dict, path: Path) -> Optional[str]:
 
 def error_rows(report: dict) -> list[dict]:
     """Every row of every section whose measurement failed."""
-    return [r for section in ("layer", "network", "cpu_ratios") for r in report[section] if r["error"]]
+    return [r for section in ("layer", "network", "cpu_ratios", "loss") for r in report[section] if r["error"]]
 
 
 def to_benchmark_json(report: dict, commit_info: dict) -> dict:
@@ -524,6 +528,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--no-layer", action="store_true", help="skip the layer level")
     p.add_argument("--no-network", action="store_true", help="skip the network level")
     p.add_argument("--no-compile", action="store_true", help="skip the naive + torch.compile rows")
+    p.add_argument("--no-loss", action="store_true", help="skip the loss level (VICReg's loss)")
     p.add_argument("--no-cpu-ratios", action="store_true", help="skip the CPU section (cpu backend vs eager vs BLAS)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads for the run (default: torch's)")
     p.add_argument("--out", type=Path, help="output folder (default: out/report/<device-name>, ignored by git; "
@@ -561,6 +566,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     layer_rows = [] if args.no_layer else run_layer_level(size, device, copy_bw, auto, progress)
     network_rows = [] if args.no_network else run_network_level(size, device, auto, progress)
     cpu_rows = [] if args.no_cpu_ratios else run_cpu_ratios(size, progress)
+    if args.no_loss:
+        loss_rows = []
+    else:
+        print(f"loss level ({loss.SIZES[size.name].note}):", flush=True)
+        loss_rows = loss.run_loss_level(size.name, device)
 
     commit_info = get_commit_info("vcreg_kernels")
     meta = dict(
@@ -582,7 +592,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     )
     report = dict(meta=meta, layer=layer_rows, network=network_rows,
                   paper_table8=paper_comparison(network_rows, auto) if network_rows else [],
-                  cpu_ratios=cpu_rows)
+                  cpu_ratios=cpu_rows, loss=loss_rows)
     meta["elapsed_s"] = time.perf_counter() - t_start
 
     out_dir.mkdir(parents=True, exist_ok=True)

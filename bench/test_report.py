@@ -9,7 +9,7 @@ from bench import report
 def test_report_smoke(tmp_path, capsys):
     out = report.main(["--smoke", "--out", str(tmp_path)])
 
-    assert out["layer"] and out["network"] and out["cpu_ratios"]
+    assert out["layer"] and out["network"] and out["cpu_ratios"] and out["loss"]
     assert report.error_rows(out) == []
     data = json.loads((tmp_path / "report.json").read_text())
     assert {"machine_info", "commit_info", "benchmarks", "datetime", "version", "vcreg"} <= set(data)
@@ -17,7 +17,7 @@ def test_report_smoke(tmp_path, capsys):
     assert all(b["stats"]["median"] > 0 for b in data["benchmarks"])
     assert data["vcreg"]["errors"] == []
     markdown = (tmp_path / "report.md").read_text()
-    assert "## Layer level" in markdown and "Beside the paper's Table 8" in markdown and "## CPU" in markdown
+    assert "## Layer level" in markdown and "Beside the paper's Table 8" in markdown and "## CPU" in markdown and "## Loss level" in markdown
     assert "ERROR" not in markdown
     assert "(compile " in markdown  # the naive + torch.compile rows state their compile time
     assert (tmp_path / "report.png").stat().st_size > 0
@@ -26,8 +26,9 @@ def test_report_smoke(tmp_path, capsys):
 
 def test_error_rows_are_found_in_every_section():
     ok, bad = {"error": None}, {"error": "TypeError: x"}
-    assert report.error_rows({"layer": [ok], "network": [ok], "cpu_ratios": [ok]}) == []
-    for section in ("layer", "network", "cpu_ratios"):
-        rep = {"layer": [ok], "network": [ok], "cpu_ratios": [ok]}
+    sections = ("layer", "network", "cpu_ratios", "loss")
+    assert report.error_rows({s: [ok] for s in sections}) == []
+    for section in sections:
+        rep = {s: [ok] for s in sections}
         rep[section] = [ok, bad]
         assert report.error_rows(rep) == [bad]
