@@ -225,11 +225,21 @@ def test_backward_large_mean(dtype, L):
 
 
 def test_float16_gradient_matrix_is_scaled():
-    """float16: G ~ alpha / (d n) lies below float16's normal range at this n; scaled by a power of
-    two (and back in the epilogue) the products keep their precision."""
-    n, d = 2**14, 4
-    x3, gy3, got, terms, want, terms_want, plain, scale = backward_case(n, d, 1, torch.float16, gamma=8.0)
-    assert ALPHA / (d * (n - 1)) < torch.finfo(torch.float16).tiny
+    """float16 with features of spread ~5000 (alpha 2^-2, beta 2^-40): every entry of G lies below
+    float16's smallest subnormal, while the regulariser's gradient (~1e-4) does not. Scaled by a
+    power of two (and back in the epilogue), G keeps its precision; G in float16 as it is would be
+    0 and grad_x would miss the regulariser."""
+    alpha, beta, gamma = 2.0**-2, 2.0**-40, 2.0**15
+    x3 = (make_x3(512, 6, 1, torch.float64) * 4096).to(torch.float16)
+    x64 = x3.double().cpu()
+    g0, _ = ref.vcreg_backward_reference(torch.zeros_like(x64), x64, alpha, beta, EPS, gamma, None)
+    gy3 = grad_like(x3, g0.norm())
+    want, _ = ref.vcreg_backward_reference(gy3.double().cpu(), x64, alpha, beta, EPS, gamma, None)
+    plain, _ = ref.vcreg_backward_reference(gy3, x3, alpha, beta, EPS, gamma, None)
+    got, _ = tk.vcreg_backward_triton(gy3, x3, alpha, beta, EPS, gamma, None)
+    G, _ = ref.gradient_matrix(ref.vcreg_stats_reference(x64)[1] / 511, 512, alpha, beta, EPS, gamma, None)
+    assert G.abs().max() < 2.0**-24  # float16's smallest subnormal
+    scale = (want - gy3.double().cpu()).norm().item()
     check(rel(got, want, scale), rel(plain, want, scale), torch.float16, "grad_x, float16")
 
 

@@ -86,10 +86,8 @@ def aot_cases(target: tuple, tuning: bool = True) -> Iterator[AOTCase]:
                     x3 = torch.empty((B, d, L), dtype=dtype, device="meta")
                     if layout == "rows":
                         x3 = torch.empty((B, L, d), dtype=dtype, device="meta").transpose(1, 2)
-                    cases = _record(x3, target, 132)
-                    if tuning:
-                        cases = itertools.chain(cases, _tuning_cases(x3, target))
-                    for case in cases:
+                    recorded = _record(x3, target, 132)
+                    for case in itertools.chain(recorded, _alternatives(recorded, d, target, tuning)):
                         k = key(case)
                         if k not in seen:
                             seen.add(k)
@@ -98,16 +96,25 @@ def aot_cases(target: tuple, tuning: bool = True) -> Iterator[AOTCase]:
 
 def _tuning_cases(x3: torch.Tensor, target: tuple) -> Iterator[AOTCase]:
     """The autotuner's other configurations of the stats and apply launches of ``x3``."""
-    for case in _record(x3, target, 132):
-        kind = case.label.split()[0]
-        if kind not in ("stats", "apply") or case.label == "stats copy":
+    return _alternatives(_record(x3, target, 132), x3.shape[1], target, True)
+
+
+def _alternatives(recorded: list, d: int, target: tuple, tuning: bool) -> Iterator[AOTCase]:
+    """Other configurations of the recorded stats and apply launches: the tiles the apply's
+    heuristic chooses between (by n and the SM count), and with ``tuning`` the autotuner's lists."""
+    for case in recorded:
+        if case.label not in ("stats", "apply"):
             continue
-        d = x3.shape[1]
         mode = case.constexprs["PRECISION"]
-        tuning = (C.stats_tuning if kind == "stats" else C.apply_tuning)(d, mode, target)
-        for cfg in tuning[1:]:
+        if case.label == "stats":
+            others = C.stats_tuning(d, mode, target)[1:] if tuning else []
+        else:
+            gathered = recorded[0].label == "stats copy"
+            others = (C.apply_tuning(d, mode, target, gathered=gathered) if tuning
+                      else C.apply_choices(d, mode, target, gathered))
+        for cfg in others:
             launch = cfg.launch(target)
-            yield AOTCase(f"{case.label} tuned {_describe(cfg)}", case.kernel, case.signature,
+            yield AOTCase(f"{case.label} {_describe(cfg)}", case.kernel, case.signature,
                           dict(case.constexprs, **dict(cfg.blocks)), case.attrs, launch["num_warps"], launch["num_stages"],
                           case.grid)
 

@@ -89,26 +89,44 @@ def stats_tuning(d: int, mode: str, target: Optional[tuple]) -> list[Config]:
     return [first, cfg(first.threads, first.num_stages + 1, first.per_sm, **dict(first.blocks))]
 
 
-def apply_config(d: int, mode: str, target: Optional[tuple] = None) -> Config:
-    """A GEMM tile of 128 samples x 128 output columns x 64 reduction columns (32 with float32
-    operands or bf16x3; 16 on sm_8x), 8 warps, a 3-stage ring."""
+def apply_choices(d: int, mode: str, target: Optional[tuple] = None, gathered: bool = False) -> list[Config]:
+    """The GEMM tiles the heuristic chooses between: 128 or 64 samples x 128 output columns x 64
+    reduction columns (32 with float32 operands or bf16x3; 16 on sm_8x), 8 warps, a 3-stage ring.
+    ``gathered``: grad_y and grad_x in a layout without 16-byte runs (the rows copy's inputs), whose
+    epilogue holds an address per element: 64 samples only, to stay clear of spills."""
     if mode == "fp64":
-        return cfg(256, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=8)
+        return [cfg(256, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=8)]
     if _fma_only(target):
-        return cfg(256, 1, BLOCK_M=64, BLOCK_N=32, BLOCK_K=16)
+        return [cfg(256, 1, BLOCK_M=64, BLOCK_N=32, BLOCK_K=16)]
     bk = 64 if mode in ("bf16", "fp16") else 16 if _ampere(target) else 32
-    return cfg(256, _stages(target, 3), BLOCK_M=128, BLOCK_N=128, BLOCK_K=bk)
+    if target is None:
+        return [cfg(256, 1, BLOCK_M=128, BLOCK_N=128, BLOCK_K=bk)]
+    return [cfg(256, _stages(target, 3), BLOCK_M=bm, BLOCK_N=128, BLOCK_K=bk) for bm in ((64,) if gathered else (128, 64))]
 
 
-def apply_tuning(d: int, mode: str, target: Optional[tuple]) -> list[Config]:
-    """The heuristic, half the samples per tile on 4 warps, and (NVIDIA) the ring one stage deeper."""
-    first = apply_config(d, mode, target)
-    if mode == "fp64" or _fma_only(target) or target is None:
-        return [first]
-    bk, stages = first["BLOCK_K"], first.num_stages
-    out = [first, cfg(128, stages, per_sm=2, BLOCK_M=64, BLOCK_N=128, BLOCK_K=bk)]
-    if target[0] == "cuda":
-        out.append(cfg(256, stages + 1, BLOCK_M=128, BLOCK_N=128, BLOCK_K=bk))
+def apply_config(d: int, mode: str, target: Optional[tuple] = None, n: Optional[int] = None,
+                 num_sms: Optional[int] = None, gathered: bool = False) -> Config:
+    """Of ``apply_choices``, the tile whose whole waves of tiles take least time (model: waves x
+    BLOCK_M, a tile's time in proportion to its samples); 128 samples on a tie."""
+    choices = apply_choices(d, mode, target, gathered)
+    if n is None or num_sms is None:
+        return choices[0]
+
+    def cost(c: Config) -> int:
+        tiles = -(-n // c["BLOCK_M"]) * -(-d // c["BLOCK_N"])
+        return -(-tiles // num_sms) * c["BLOCK_M"]
+
+    return min(choices, key=cost)
+
+
+def apply_tuning(d: int, mode: str, target: Optional[tuple], n: Optional[int] = None,
+                 num_sms: Optional[int] = None, gathered: bool = False) -> list[Config]:
+    """The heuristic choice first, the other tile, and (NVIDIA) the ring one stage deeper."""
+    first = apply_config(d, mode, target, n, num_sms, gathered)
+    choices = apply_choices(d, mode, target, gathered)
+    out = [first] + [c for c in choices if c != first]
+    if target is not None and target[0] == "cuda" and mode != "fp64" and not _fma_only(target):
+        out.append(cfg(256, first.num_stages + 1, **dict(choices[0].blocks)))
     return out
 
 

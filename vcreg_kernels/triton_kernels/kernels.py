@@ -407,7 +407,7 @@ def _finalize_kernel(
         part_cov = 2.0 * tl.sum(tl.sum(tl.where(strict, phi, 0.0), axis=1), axis=0)
         tl.store(PART_ptr + 2 * q, part_var)
         tl.store(PART_ptr + 2 * q + 1, part_cov)
-        finite = tl.abs(val) < float("inf")  # max |G| over finite entries (the float16 scale)
+        finite = (val - val) == 0.0  # max |G| over finite entries (the float16 scale)
         tl.store(AMAX_ptr + q, tl.max(tl.max(tl.where(finite & m2d, tl.abs(val), 0.0), axis=1), axis=0))
     else:
         val = M
@@ -426,7 +426,7 @@ def _operand_kernel(
 ):
     """G (d x d) as the apply's operand, transposed: GH^T[j, k] (+ GL^T for "bf16x3") in the
     operand type, zero for k >= d up to the row length ``ld``; SCALED (float16): times 2^k with
-    2^k max|G| in [2^13, 2^14] (max over finite entries: ``AMAX_ptr``'s ``n_amax`` partial maxima),
+    2^k max|G| in [2^13, 2^14) (max over finite entries: ``AMAX_ptr``'s ``n_amax`` partial maxima),
     so that it neither underflows nor overflows, and SCALE = 2^-k; ALGEBRAIC (16-bit X):
     v = mu^T GH, formed from the same rounded GH. Where there are ``n_parts`` partial sums of the
     terms, program 0 also adds them in order: T = [sum part_var / d, sum part_cov / (d (d-1))]

@@ -398,7 +398,7 @@ def _tile_offsets_fit(t: torch.Tensor) -> bool:
 def _apply(gy3: torch.Tensor, x3: torch.Tensor, op: _Operand, gop: _GOperand, mu: torch.Tensor, run: _Run):
     B, d, L = x3.shape
     acc = accumulate_dtype(x3.dtype)
-    tuning = C.apply_tuning(d, run.mode, run.target)
+    tuning = C.apply_tuning(d, run.mode, run.target, op.n, run.num_sms, gathered=op.x is not x3)
     out = torch.empty_like(x3, dtype=gy3.dtype)  # x3's strides where x3 is dense
     if not _tile_offsets_fit(out):  # written with samples in rows instead, then put in x3's strides
         out = torch.empty((B, L, d), dtype=gy3.dtype, device=x3.device).transpose(1, 2)
