@@ -556,6 +556,15 @@ def test_gpu_backward_large(shape, dtype, setting):
 
 
 @gpu
+def test_gpu_algebraic_apply_at_large_mean():
+    """bfloat16 at d = 2048 with means 1000x the spread: X @ Gh - 1 (mu^T Gh) on the device's
+    accumulator keeps the error of the centred form."""
+    x3, gy3, got, terms, want, terms_want, plain, scale = backward_case(16, 2048, 49, torch.bfloat16,
+                                                                        mean_scale=1000.0)
+    check(rel(got, want, scale), rel(plain, want, scale), torch.bfloat16, "grad_x, mean 1000x spread")
+
+
+@gpu
 def test_gpu_many_rows():
     """n in the millions (many segments per block pair) with a large mean."""
     x3, gy3, got, terms, want, terms_want, plain, scale = backward_case(2_000_000, 16, 1, torch.float32, mean_scale=100.0)
