@@ -89,7 +89,13 @@ def _matched_grad_y(x, dim, params):
 
 
 def _tf32_active(device):
-    return device == "cuda" and dispatch.get_backend() == "triton"
+    """The triton backend on a GPU under torch's "high"/"medium" float32 matmul setting (SPEC
+    section 2's table; its default "highest" is float32-accurate)."""
+    if device != "cuda" or dispatch.get_backend() != "triton":
+        return False
+    from vcreg_kernels.triton_kernels import float32_matmul_setting
+
+    return float32_matmul_setting() != "highest"
 
 
 def _tolerance(dtype, device):
