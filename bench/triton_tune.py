@@ -15,8 +15,8 @@ setting, rows for:
   ``X @ G + grad_y`` in cuBLAS with X in rows;
 * backward: the whole backward at the heuristic configurations, and with the autotuner.
 
-TFLOP/s count 2 n d^2 multiply-adds... for the stats the SYRK's own work, n d (d + 1), for the
-apply 2 n d^2. Times are device times (``bench.common.time_rounds``: CUDA events, rounds queued
+TFLOP/s count the floating-point operations each pass needs: the SYRK's n d (d + 1), the GEMM's
+2 n d^2. Times are device times (``bench.common.time_rounds``: CUDA events, rounds queued
 behind a sleep), medians; compilation and autotuning happen in the warm-up. It changes nothing:
 a better configuration is a proposal for ``configs``, then checked by tools/triton_aot_check.py.
 On a CPU the kernels run in the interpreter and the times mean nothing.
