@@ -1,10 +1,10 @@
 """Ahead-of-time compile cases (tools/triton_aot_check.py): what the host code launches.
 
 ``aot_cases_for(shape, dim, dtype, target, num_sms)``: exactly the launches of one backward of a
-tensor of that shape (contiguous; ``dim`` the feature dimension, as ``dispatch`` makes its
-canonical view) on ``target`` with ``num_sms`` SMs, under the current torch precision setting, at
-the heuristic configurations. It runs the host code itself on meta tensors with the launches
-recorded instead of made.
+contiguous tensor of that shape (``dim`` the feature dimension; its (B, d, L) view as the
+dispatcher hands it over) on ``target`` with ``num_sms`` SMs, under the current torch precision
+setting, at the heuristic configurations. It runs the host code itself on meta tensors with the
+launches recorded instead of made.
 
 ``aot_cases(target)``: every configuration the host code can launch on ``target``: each dtype
 and precision setting, both operand layouts, the block sizes by d, the autotuner's lists, and the
@@ -12,12 +12,13 @@ d, L and alignment variants Triton's JIT specialises.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
+import math
 from typing import Iterator
 
 import torch
 
-from .. import _layout
 from . import configs as C
 from . import launch as Lh
 from .launch import AOTCase
@@ -26,17 +27,25 @@ from .precision import SETTINGS
 AOT_TARGETS = (("cuda", 80), ("cuda", 90), ("hip", "gfx906"), ("hip", "gfx90a"), ("hip", "gfx942"))
 
 
-def _precision_setting(setting: str):
+@contextlib.contextmanager
+def _precision_setting(setting: str) -> Iterator[None]:
     """torch's float32 matmul precision set to ``setting`` within, restored after."""
-    class _Setting:
-        def __enter__(self):
-            self.before = torch.get_float32_matmul_precision()
-            torch.set_float32_matmul_precision(setting)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(setting)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
-        def __exit__(self, *exc):
-            torch.set_float32_matmul_precision(self.before)
 
-    return _Setting()
+def _canonical(shape, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """The (B, d, L) view of a contiguous tensor of ``shape`` with features along ``dim``, as the
+    dispatcher hands it over: "rows" (features last: (n, d, 1)) or "bdl" ((B, d, L) contiguous)."""
+    dim = dim % len(shape)
+    B, d, L = math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1:])
+    if L == 1:
+        return torch.empty((B, d), dtype=dtype, device="meta").view(B, d, 1)
+    return torch.empty((B, d, L), dtype=dtype, device="meta")
 
 
 def _record(x3: torch.Tensor, target: tuple, num_sms: int) -> list[AOTCase]:
@@ -51,22 +60,21 @@ def aot_cases_for(shape, dim: int, dtype: torch.dtype, target: tuple, num_sms: i
     """The compile cases of one backward of a contiguous tensor of ``shape`` with features along
     ``dim``, on ``target`` ((backend, arch)) with ``num_sms`` SMs (labels: "stats ...",
     "finalize ...", "terms", "apply"); ``tuning``: and the autotuner's other configurations."""
-    x = torch.empty(shape, dtype=dtype, device="meta")
-    x3 = _layout.canonical_view(x, dim % x.dim()).x3
+    x3 = _canonical(shape, dim, dtype)
     cases = _record(x3, target, num_sms)
     return cases + list(_tuning_cases(x3, target)) if tuning else cases
 
 
 def _variants(dtype: torch.dtype) -> Iterator[tuple]:
-    """(B, d, L, layout) inputs that reach every host-side choice: rows and bdl operands, the
+    """(shape, dim) inputs that reach every host-side choice: rows and bdl operands, the
     finalize's block sizes (d <= 256 and above), the rows copy (L not a multiple of 16) with its
     unaligned grad_x epilogue, and d = 1 (a constant to Triton's JIT)."""
     for d in (96, 320):
-        yield 64, d, 1, "rows"
-        yield 4, d, 32, "bdl"
-    yield 64, 48, 7, "bdl"
+        yield (64, d), -1
+        yield (4, d, 32), 1
+    yield (64, 48, 7), 1
     if dtype in (torch.float32, torch.bfloat16):
-        yield 64, 1, 1, "bdl"
+        yield (64, 1, 1), 1
 
 
 def aot_cases(target: tuple, tuning: bool = True) -> Iterator[AOTCase]:
@@ -82,12 +90,9 @@ def aot_cases(target: tuple, tuning: bool = True) -> Iterator[AOTCase]:
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         for setting in (SETTINGS if dtype == torch.float32 else SETTINGS[:1]):
             with _precision_setting(setting):
-                for B, d, L, layout in _variants(dtype):
-                    x3 = torch.empty((B, d, L), dtype=dtype, device="meta")
-                    if layout == "rows":
-                        x3 = torch.empty((B, L, d), dtype=dtype, device="meta").transpose(1, 2)
-                    recorded = _record(x3, target, 132)
-                    for case in itertools.chain(recorded, _alternatives(recorded, d, target, tuning)):
+                for shape, dim in _variants(dtype):
+                    recorded = _record(_canonical(shape, dim, dtype), target, 132)
+                    for case in itertools.chain(recorded, _alternatives(recorded, shape[dim], target, tuning)):
                         k = key(case)
                         if k not in seen:
                             seen.add(k)

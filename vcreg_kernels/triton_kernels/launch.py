@@ -40,7 +40,7 @@ from . import kernels as K
 from .precision import precision_mode
 
 AUTOTUNE = os.environ.get("VCREG_TRITON_AUTOTUNE", "1") != "0"  # "0": the heuristic configuration always
-# The stats schedule gives each program at least this many sample tiles (64 samples each) of work.
+# The stats schedule gives each program at least this many sample tiles (BLOCK_S samples each).
 STATS_MIN_STEPS = 4
 APPLY_MAX_BLOCK_M = 128  # the largest BLOCK_M of configs.apply_tuning
 _INT32_MAX = 2**31 - 1
