@@ -214,10 +214,11 @@ def _write_resources(path, targets, report, results, elapsed, n_unique, failures
         "# Triton kernels: ahead-of-time resource report", "",
         f"`python tools/triton_aot_check.py`, {datetime.date.today().isoformat()}, triton {triton.__version__}: "
         f"{n_unique} distinct compilations in {elapsed:.0f} s, {len(failures)} failed, {len(spills)} spilled.",
-        "Cases: `vcreg_kernels.triton_kernels.aot_cases` (every configuration the host code can launch, the "
-        "autotuner's included). `regs`: registers per thread (ptxas -v) or VGPRs incl. AGPRs (AMD); `spill`: "
-        "spilled bytes (NVIDIA) or VGPRs (AMD); `stack`: stack frame or scratch bytes; `smem`: shared memory "
-        "(Triton metadata); `matrix`: HGMMA / HMMA / MFMA anywhere in the kernel.", ""]
+        "Cases: `vcreg_kernels.triton_kernels.aot_cases` (every configuration the host code can launch; the "
+        "autotuner's alternatives on " + ", ".join(f"{b} {a}" for b, a in TUNING_TARGETS) + "). `regs`: registers "
+        "per thread (cuobjdump -res-usage) or VGPRs incl. AGPRs (AMD); `spill`: stack and local bytes per thread, "
+        "where spilled registers go (NVIDIA), or spilled VGPRs (AMD); `stack`: stack frame or scratch bytes; "
+        "`smem`: shared memory (Triton metadata); `matrix`: HGMMA / HMMA / MFMA anywhere in the kernel.", ""]
     for target in targets:
         lines += [f"## {target[0]} {target[1]}", "", "| case | regs | spill | stack | smem | matrix |",
                   "| --- | ---: | ---: | ---: | ---: | --- |"]
