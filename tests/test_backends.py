@@ -118,7 +118,7 @@ def test_against_float64_reference(backend_device, name, shape, dim, fmt, mean, 
     # Low-precision grad_y rounds the output itself: that error is not the kernel's.
     floor = 0.0 if dtype in (torch.float32, torch.float64) else (
         (grad_y.to(torch.float64) + reg).to(dtype).to(torch.float64) - expected).norm().item() / reg.norm().item()
-    assert err < spec_bound(dtype, device) + 2 * floor, f"relative error {err:.3g}"
+    assert err < spec_bound(dtype, *backend_device) + 2 * floor, f"relative error {err:.3g}"
 
 
 @pytest.mark.parametrize("delta", [None, 0.02])
@@ -130,7 +130,7 @@ def test_delta_and_d1_against_reference(backend_device, delta):
         grad_y = _matched_grad_y(x, dim, params)
         expected, reg = _reference_grads(x, grad_y, dim, **params)
         err = ((_grads(x, grad_y, dim, **params).double() - expected).norm() / reg.norm()).item()
-        assert err < spec_bound(torch.float32, device), (shape, err)
+        assert err < spec_bound(torch.float32, *backend_device), (shape, err)
 
 
 def test_strided_inputs(backend_device):
@@ -142,7 +142,7 @@ def test_strided_inputs(backend_device):
     grad_y = _matched_grad_y(x, 1, params).transpose(2, 3).contiguous().transpose(2, 3)
     expected, reg = _reference_grads(x, grad_y, 1, **params)
     err = ((_grads(x, grad_y, 1, **params).double() - expected).norm() / reg.norm()).item()
-    assert err < spec_bound(torch.float32, device)
+    assert err < spec_bound(torch.float32, *backend_device)
 
 
 def test_int32_overflowing_planes_take_a_row_major_copy(backend_device, monkeypatch):
@@ -158,7 +158,7 @@ def test_int32_overflowing_planes_take_a_row_major_copy(backend_device, monkeypa
     expected, reg = _reference_grads(x, grad_y, 1, **params)
     got = _grads(x, grad_y, 1, **params)
     assert got.stride() == x.stride()
-    assert ((got - expected).norm() / reg.norm()).item() < spec_bound(torch.float64, device)
+    assert ((got - expected).norm() / reg.norm()).item() < spec_bound(torch.float64, *backend_device)
 
 
 def test_forward_is_a_view(backend_device):

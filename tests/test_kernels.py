@@ -24,9 +24,10 @@ from vcreg_kernels.reference import (
 )
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-# (B, d, L): n = 2; rows with d not a multiple of any tile; bdl with d = 1; bdl whose sample runs
-# end mid-tile. Kept small: the triton backend runs them through the interpreter on a CPU.
-SIZES = [(2, 4, 1), (150, 37, 1), (3, 1, 37), (20, 33, 7)]
+# (B, d, L): n = 2; rows with d a multiple of 16 (the triton backend reads it in place) and not
+# (it copies); bdl with d = 1; bdl with L a multiple of 16 (read in place) and with sample runs
+# that end mid-tile (L = 7). Kept small: the triton backend runs them through the interpreter on a CPU.
+SIZES = [(2, 4, 1), (40, 32, 1), (150, 37, 1), (3, 1, 37), (4, 24, 32), (20, 33, 7)]
 # On a GPU also the activations' scale: ViT tokens, ResNet stages, tiles and chunks with remainders.
 GPU_SIZES = [(1031, 257, 1), (16, 130, 49), (50000, 768, 1), (64, 256, 784), (16, 2048, 49)]
 
@@ -37,13 +38,12 @@ def size_id(size):
 
 def cases(dtypes=DTYPES, sizes=True):
     """pytest.params of (backend, device, dtype[, size]): every pair of BACKEND_DEVICES, gpu-marked
-    on "cuda"; GPU_SIZES on "cuda" only; no bfloat16 through the interpreter, which has none."""
+    on "cuda"; GPU_SIZES for the GPU kernels (not torch's own ops) on "cuda" only."""
     out = []
     for name, device in BACKEND_DEVICES:
         for dtype in dtypes:
-            if name == "triton" and device == "cpu" and dtype == torch.bfloat16:
-                continue
-            for size in (SIZES + (GPU_SIZES if device == "cuda" else [])) if sizes else [None]:
+            large = GPU_SIZES if device == "cuda" and name != "reference" else []
+            for size in (SIZES + large) if sizes else [None]:
                 values = (name, device, dtype) + ((size,) if sizes else ())
                 ident = "-".join([name, device, dtype_id(dtype)] + ([size_id(size)] if sizes else []))
                 out.append(pytest.param(values, id=ident, marks=pytest.mark.gpu if device == "cuda" else ()))

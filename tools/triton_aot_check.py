@@ -1,17 +1,30 @@
-"""Compile every Triton kernel of the ``triton`` backend ahead of time, for real GPU targets, on a
-machine without a GPU (SPEC section 6), and write the resource report.
+"""Compile the triton backend's kernels ahead of time for real GPU targets on a machine without a
+GPU (SPEC section 6), report their resources, and check the structure of the stats and apply
+loops at every SPEC section-7 shape (TRITON_DESIGN.md's static checks).
 
     python tools/triton_aot_check.py [--targets cuda:80,cuda:90,hip:gfx906,hip:gfx90a,hip:gfx942]
-                                     [--jobs N] [--out out/triton_resources.md]
+                                     [--jobs N] [--out out/] [--filter TEXT]
 
-The cases come from ``vcreg_kernels.triton_kernels.aot_cases`` (which reads the same ``CONFIGS``
-table as the dispatching host code), so every configuration the host code can launch is compiled.
-Per case: registers and spills (``ptxas -v`` on the PTX, with the ptxas that Triton ships, for
-NVIDIA; ``.vgpr_count`` / ``.vgpr_spill_count`` / ``.sgpr_spill_count`` / scratch of the amdgcn
-for AMD), shared memory (Triton's metadata), and whether matrix instructions appear (HMMA /
-HGMMA: ``mma.sync`` / ``wgmma`` in the PTX; MFMA: ``v_mfma`` in the amdgcn). Exits 1 when a case
-fails to compile or spills to memory (NVIDIA spill bytes, AMD VGPR spills or scratch); AMD SGPR
-spills into VGPR lanes (no memory traffic) are reported in their own column.
+Two sets of compilations, each compiled once:
+
+* every configuration the host code can launch (``vcreg_kernels.triton_kernels.aot_cases``; the
+  autotuner's alternatives on sm_90): the resource report, ``triton_resources.md``: registers,
+  spills, shared memory, matrix instructions;
+* what one backward launches at each section-7 shape (``aot_cases_for``: bench/common.py's
+  PAPER_SHAPES, float32 under torch's "highest" and "high" and bfloat16), on sm_90 (132 SMs),
+  sm_80 (108), gfx90a (104) and gfx942 (304): ``triton_static_checks.md``, the innermost loops of
+  the stats and apply kernels (tools/machine_code.py), checked for
+
+      mma    matrix instructions in the loop; on sm_90 >= 4 HGMMA (N >= 64) per warp per step
+      pipe   NVIDIA: >= 2 cp.async copies in flight (the step's wait leaves >= 1 group) or TMA
+      spill  0 bytes
+      16B    NVIDIA: the loop's global loads 16 bytes wide (narrower ones carry <= 1/8 of its bytes;
+             on AMD reported: there mu's per-step loads land in each thread's own layout)
+      tf32   float32 under "high": TF32 matrix instructions (NVIDIA; xf32 MFMA on gfx942)
+      wave   the stats grid fills >= 85% of its wave
+
+Reports go to ``out/`` at the repository root (ignored by git) unless ``--out`` names another
+folder. Exits 1 when a case fails to compile or spills, or a check falls short.
 """
 from __future__ import annotations
 
@@ -19,22 +32,28 @@ import argparse
 import datetime
 import multiprocessing
 import os
-import re
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
 os.environ.pop("TRITON_INTERPRET", None)  # compile for real, whatever the caller's environment
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+import machine_code  # noqa: E402
 from vcreg_kernels import triton_kernels as tk  # noqa: E402
+
+CHECK_TARGETS = {("cuda", 90): 132, ("cuda", 80): 108, ("hip", "gfx90a"): 104, ("hip", "gfx942"): 304}
+# The autotuner's alternatives are compiled for these (it skips, on the user's GPU, a configuration
+# that fails to compile there; each alternative adds a compilation per dtype, precision and layout).
+TUNING_TARGETS = (("cuda", 90),)
+CHECK_DTYPES = (("float32", "highest"), ("float32", "high"), ("bfloat16", "highest"))
 
 
 def _parse_target(text: str) -> tuple:
@@ -42,69 +61,121 @@ def _parse_target(text: str) -> tuple:
     return (backend, int(arch) if backend == "cuda" else arch)
 
 
-def _ptxas() -> str:
-    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas")
+def _paper_shapes():
+    from bench.common import PAPER_SHAPES
+
+    return PAPER_SHAPES
 
 
-def _nvidia_resources(ptx: str, arch: int) -> dict:
-    sm = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "k.ptx"
-        src.write_text(ptx)
-        # the flags Triton's own make_cubin passes
-        res = subprocess.run([_ptxas(), "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={sm}", str(src),
-                              "-o", str(Path(tmp) / "k.cubin")], capture_output=True, text=True)
-    text = res.stdout + res.stderr
-    if res.returncode != 0:
-        raise RuntimeError(f"ptxas failed: {text[-2000:]}")
-    regs = re.search(r"Used (\d+) registers", text)
-    spill_st = re.search(r"(\d+) bytes spill stores", text)
-    spill_ld = re.search(r"(\d+) bytes spill loads", text)
-    stack = re.search(r"(\d+) bytes stack frame", text)
-    return {
-        "regs": int(regs.group(1)) if regs else -1,
-        "spills": (int(spill_st.group(1)) if spill_st else 0) + (int(spill_ld.group(1)) if spill_ld else 0),
-        "stack": int(stack.group(1)) if stack else 0,
-        "matrix": ("HGMMA" if "wgmma.mma_async" in ptx else "")
-        or ("DMMA" if re.search(r"mma\.sync\S*\.f64", ptx) else "") or ("HMMA" if "mma.sync" in ptx else "") or "-",
-    }
+def _key(target, case):
+    return (target, case.kernel.fn.__name__, tuple(sorted(case.signature.items())),
+            tuple(sorted((k, str(v)) for k, v in case.constexprs.items())), tuple(sorted(case.attrs)),
+            case.num_warps, case.num_stages)
 
 
-def _amd_resources(asm: str) -> dict:
-    def meta(key):
-        m = re.search(rf"\.{key}:\s+(\d+)", asm)
-        return int(m.group(1)) if m else 0
+def _check_cases(targets):
+    """[(target, shape name, dtype name, setting, case)] of the static checks."""
+    out = []
+    for target in targets:
+        if target not in CHECK_TARGETS:
+            continue
+        for shape in _paper_shapes():
+            for dtype, setting in CHECK_DTYPES:
+                before = torch.get_float32_matmul_precision()
+                torch.set_float32_matmul_precision(setting)
+                try:
+                    cases = tk.aot_cases_for(shape.shape, shape.dim, getattr(torch, dtype), target, CHECK_TARGETS[target])
+                finally:
+                    torch.set_float32_matmul_precision(before)
+                out += [(target, shape, dtype, setting, c) for c in cases]
+    return out
 
-    scratch = re.search(r"ScratchSize:\s+(\d+)", asm)
-    return {
-        "regs": meta("vgpr_count"),
-        "spills": meta("vgpr_spill_count"),  # VGPR spills go to scratch memory
-        # SGPR spills go to lanes of a VGPR (no memory traffic): reported, not failed on.
-        "sgpr_spills": meta("sgpr_spill_count"),
-        "stack": int(scratch.group(1)) if scratch else 0,
-        "matrix": "MFMA" if "v_mfma" in asm else "-",
-    }
+
+_UNIQUE: list = []
 
 
-def compile_case(target: tuple, case: tk.AOTCase) -> dict:
+def _init_worker(targets, filt):
+    _UNIQUE.extend(_unique_cases(targets, filt)[0])
+
+
+def _unique_cases(targets, filt):
+    """(unique (target, case) list, resource-report entries, check entries) in a fixed order."""
+    index, unique = {}, []
+
+    def add(target, case):
+        k = _key(target, case)
+        if k not in index:
+            index[k] = len(unique)
+            unique.append((target, case))
+        return index[k]
+
+    report = [(t, c.label, add(t, c)) for t in targets for c in tk.aot_cases(t, tuning=t in TUNING_TARGETS)
+              if filt in c.label]
+    checks = [(t, shape, dtype, setting, c, add(t, c)) for t, shape, dtype, setting, c in _check_cases(targets)
+              if filt in c.label]
+    return unique, report, checks
+
+
+def _compile(i: int):
+    target, case = _UNIQUE[i]
     backend, arch = target
-    warp = 32 if backend == "cuda" else 64
-    t = time.time()
-    src = ASTSource(fn=case.kernel, signature=case.signature, constexprs=case.constexprs, attrs=case.attrs)
-    compiled = triton.compile(src, target=GPUTarget(backend, arch, warp),
-                              options={"num_warps": case.num_warps, "num_stages": case.num_stages})
-    row = {"shared": compiled.metadata.shared, "seconds": time.time() - t}
-    row.update(_nvidia_resources(compiled.asm["ptx"], arch) if backend == "cuda" else _amd_resources(compiled.asm["amdgcn"]))
-    return row
-
-
-def _work(item):
-    target, index = item
-    case = list(tk.aot_cases(target))[index]
+    t0 = time.time()
     try:
-        return target, case.label, case.num_warps, case.num_stages, compile_case(target, case), None
+        src = ASTSource(fn=case.kernel, signature=case.signature, constexprs=case.constexprs, attrs=case.attrs)
+        compiled = triton.compile(src, target=GPUTarget(backend, arch, 32 if backend == "cuda" else 64),
+                                  options={"num_warps": case.num_warps, "num_stages": case.num_stages})
+        return machine_code.read(compiled, target), time.time() - t0, None
     except Exception as e:  # noqa: BLE001 - reported per case, the run fails at the end
-        return target, case.label, case.num_warps, case.num_stages, None, f"{type(e).__name__}: {str(e)[-800:]}"
+        return None, time.time() - t0, f"{type(e).__name__}: {str(e)[-600:]}"
+
+
+# ------------------------------------------------------------------ the checks
+
+
+def _macs_per_step(case) -> int:
+    c = case.constexprs
+    if "BLOCK_D" in c and "BLOCK_S" in c:
+        return c["BLOCK_D"] * c["BLOCK_D"] * c["BLOCK_S"]
+    return c["BLOCK_M"] * c["BLOCK_N"] * c["BLOCK_K"]
+
+
+def _wave(case, slots: int) -> float:
+    """Stats: the stream-K schedule's balance (programs x the longest program's units vs all units)
+    times the share of the wave's slots it fills; apply: tiles over whole waves of ``slots``."""
+    programs = case.grid[0]
+    if case.label.startswith("stats"):
+        return min(1.0, programs / slots) if programs else 0.0
+    waves = -(-programs // slots)
+    return programs / (waves * slots)
+
+
+def _checks(target, dtype, setting, case, reading) -> dict:
+    """{check: (passed, shown)} for one stats or apply case."""
+    nvidia = target[0] == "cuda"
+    res = {}
+    loops = reading.loops
+    if not loops:
+        return {"mma": (False, "no matrix loop")}
+    if target == ("cuda", 90):
+        worst = min(lp.mma_n64 for lp in loops)
+        res["mma"] = (worst >= 4, f"{worst} HGMMA")
+    else:
+        worst = min(lp.mma for lp in loops)
+        res["mma"] = (worst >= 1, f"{worst} {reading.mma_anywhere}")
+    if nvidia:
+        depth = min(max(lp.async_depth, 2 if lp.tma else 0) for lp in loops)
+        res["pipe"] = (depth >= 2, f"{depth} in flight, {'/'.join(reading.buffers) or '-'}")
+    else:
+        res["pipe"] = (True, "/".join(reading.buffers) or "registers")
+    res["spill"] = (reading.spills == 0 and reading.stack == 0, str(reading.spills))
+    wide = sum(lp.load_bytes()[0] for lp in loops)
+    narrow = sum(lp.load_bytes()[1] for lp in loops)
+    res["16B"] = (narrow * 8 <= wide or not nvidia, f"{wide}/{wide + narrow} B")
+    if dtype == "float32" and setting == "high" and (nvidia or target[1] == "gfx942"):
+        types = set().union(*(lp.mma_types for lp in loops))
+        tf32 = any("TF32" in t.upper() or "XF32" in t.upper() for t in types)
+        res["tf32"] = (tf32, ",".join(sorted(types)))
+    return res
 
 
 def main(argv=None) -> int:
@@ -112,57 +183,105 @@ def main(argv=None) -> int:
     parser.add_argument("--targets", default=",".join(f"{b}:{a}" for b, a in tk.AOT_TARGETS))
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--filter", default="", help="only cases whose label contains this")
-    parser.add_argument("--out", default=str(ROOT / "out" / "triton_resources.md"),
-                        help="the resource report (default: out/, ignored by git; "
-                        "bench/results/triton_resources.md updates the committed one)")
+    parser.add_argument("--out", default=str(ROOT / "out"), help="folder for the reports (default: out/, ignored)")
     args = parser.parse_args(argv)
     targets = [_parse_target(t) for t in args.targets.split(",") if t]
-    items = [(tg, i) for tg in targets for i, c in enumerate(tk.aot_cases(tg)) if args.filter in c.label]
     t0 = time.time()
+    unique, report, checks = _unique_cases(targets, args.filter)
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(max(1, args.jobs)) as pool:
-        results = pool.map(_work, items, chunksize=1)
-    failures = [r for r in results if r[5] is not None]
-    spills = [r for r in results if r[4] is not None and (r[4]["spills"] > 0 or r[4]["stack"] > 0)]
-    sgpr = [r for r in results if r[4] is not None and r[4].get("sgpr_spills", 0) > 0]
+    with ctx.Pool(max(1, args.jobs), initializer=_init_worker, initargs=(targets, args.filter)) as pool:
+        results = pool.map(_compile, range(len(unique)), chunksize=1)
+    elapsed = time.time() - t0
+    failures = [(unique[i], r[2]) for i, r in enumerate(results) if r[2] is not None]
+    spills = [unique[i] for i, r in enumerate(results) if r[0] is not None and (r[0].spills or r[0].stack)]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_resources(out / "triton_resources.md", targets, report, results, elapsed, len(unique), failures, spills)
+    short = _write_checks(out / "triton_static_checks.md", checks, results)
+    for (tg, case), err in failures:
+        print(f"FAILED {tg} {case.label}: {err}", file=sys.stderr)
+    for tg, case in spills:
+        print(f"SPILLS {tg} {case.label}", file=sys.stderr)
+    for line in short:
+        print(f"CHECK {line}", file=sys.stderr)
+    print(f"{len(unique)} compilations in {elapsed:.0f} s: {len(failures)} failed, {len(spills)} spilled, "
+          f"{len(short)} static checks short; reports in {out}")
+    return 1 if failures or spills or short else 0
 
+
+def _write_resources(path, targets, report, results, elapsed, n_unique, failures, spills):
     lines = [
-        "# Triton kernels: ahead-of-time resource report",
-        "",
-        f"Generated by `python tools/triton_aot_check.py` on {datetime.date.today().isoformat()}, "
-        f"triton {triton.__version__}, {len(results)} compilations in {time.time() - t0:.0f} s, "
-        f"{len(failures)} failed, {len(spills)} spilled to memory, {len(sgpr)} with SGPR-to-VGPR-lane spills (AMD).",
-        "Cases come from `vcreg_kernels.triton_kernels.aot_cases` (the `CONFIGS` table). `regs`: registers per thread "
-        "(NVIDIA, ptxas -v, Triton's own flags) or VGPRs incl. AGPRs (AMD); `spill`: spilled bytes (NVIDIA) or "
-        "spilled VGPRs (AMD; these go to scratch memory); `sgpr`: SGPRs spilled into VGPR lanes (AMD; no memory "
-        "traffic); `stack`: stack frame (NVIDIA) or scratch bytes (AMD); `smem`: shared memory / LDS bytes (Triton metadata); "
-        "`matrix`: HGMMA (wgmma) / HMMA (mma.sync) in the PTX, MFMA in the amdgcn. 'unaligned' = d and strides not "
-        "multiples of 16 (scalar loads), e.g. L = 49 or 196.",
-        "",
-    ]
+        "# Triton kernels: ahead-of-time resource report", "",
+        f"`python tools/triton_aot_check.py`, {datetime.date.today().isoformat()}, triton {triton.__version__}: "
+        f"{n_unique} distinct compilations in {elapsed:.0f} s, {len(failures)} failed, {len(spills)} spilled.",
+        "Cases: `vcreg_kernels.triton_kernels.aot_cases` (every configuration the host code can launch; the "
+        "autotuner's alternatives on " + ", ".join(f"{b} {a}" for b, a in TUNING_TARGETS) + "). `regs`: registers "
+        "per thread (cuobjdump -res-usage) or VGPRs incl. AGPRs (AMD); `spill`: stack and local bytes per thread, "
+        "where spilled registers go (NVIDIA), or spilled VGPRs (AMD); `stack`: stack frame or scratch bytes; "
+        "`smem`: shared memory (Triton metadata); `matrix`: HGMMA / HMMA / MFMA anywhere in the kernel.", ""]
     for target in targets:
-        lines += [f"## {target[0]} {target[1]}", "", "| case | warps | stages | regs | spill | sgpr | stack | smem | matrix |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
-        for tg, label, warps, stages, row, err in results:
+        lines += [f"## {target[0]} {target[1]}", "", "| case | regs | spill | stack | smem | matrix |",
+                  "| --- | ---: | ---: | ---: | ---: | --- |"]
+        for tg, label, i in report:
             if tg != target:
                 continue
+            reading, _, err = results[i]
             if err is not None:
-                lines.append(f"| {label} | {warps} | {stages} | FAILED: {err.splitlines()[0][:200]} | | | | | |")
+                lines.append(f"| {label} | FAILED: {err.splitlines()[0][:160]} | | | | |")
             else:
-                sg = row.get("sgpr_spills", "-")
-                lines.append(f"| {label} | {warps} | {stages} | {row['regs']} | {row['spills']} | {sg} | {row['stack']} | "
-                             f"{row['shared']} | {row['matrix']} |")
+                lines.append(f"| {label} | {reading.regs} | {reading.spills} | {reading.stack} | {reading.shared} | "
+                             f"{reading.mma_anywhere} |")
         lines.append("")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    for tg, label, _, _, row, err in failures:
-        print(f"FAILED {tg} {label}: {err}", file=sys.stderr)
-    for tg, label, _, _, row, _ in spills:
-        print(f"SPILLS {tg} {label}: {row}", file=sys.stderr)
-    print(f"{len(results)} compiled in {time.time() - t0:.0f} s: {len(failures)} failed, {len(spills)} spilled to "
-          f"memory, {len(sgpr)} with AMD SGPR-to-VGPR spills; report in {out}")
-    return 1 if failures or spills else 0
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _write_checks(path, checks, results) -> list[str]:
+    short = []
+    lines = ["# Triton kernels: static checks at the SPEC section-7 shapes", "",
+             "What one backward launches (`aot_cases_for`) per shape, dtype and torch precision setting, compiled "
+             "ahead of time; the innermost loops of the stats and apply kernels read from the machine code "
+             "(tools/machine_code.py). `mma`: matrix instructions per warp per step (sm_90: HGMMA with N >= 64); "
+             "`pipe`: cp.async copies in flight during a step, and the shared buffers they fill; `16B`: bytes per "
+             "thread per step loaded by 16-byte instructions / all; `ins/MMAC`: the step's instructions per million "
+             "multiply-adds of the program's tile; `wave`: the share of the wave's slots the grid fills (stats: the "
+             "stream-K programs; apply: tiles over whole waves). A check that falls short is marked **NO**.", ""]
+    current = None
+    for target, shape, dtype, setting, case, i in checks:
+        if not case.label.startswith(("stats", "apply")) or case.label == "stats copy":
+            continue
+        if target != current:
+            current = target
+            lines += ["", f"## {target[0]} {target[1]} ({CHECK_TARGETS[target]} SMs)", "",
+                      "| shape | dtype | pass | mma | pipe | spill | 16B | tf32 | regs | smem | ins/MMAC | wave |",
+                      "| --- | --- | --- | --- | --- | ---: | --- | --- | ---: | ---: | ---: | ---: |"]
+        reading, _, err = results[i]
+        what = f"{shape.name} {tuple(shape.shape)}"
+        dt = dtype if dtype != "float32" else f"float32 {setting}"
+        if err is not None:
+            lines.append(f"| {what} | {dt} | {case.label} | FAILED | | | | | | | | |")
+            short.append(f"{target} {what} {dt} {case.label}: failed to compile")
+            continue
+        res = _checks(target, dtype, setting, case, reading)
+        slots = CHECK_TARGETS[target] * (2 if case.num_warps <= 4 and target[0] == "cuda" else 1)
+        wave = _wave(case, slots if case.label.startswith("apply") else CHECK_TARGETS[target])
+        if case.label.startswith("stats"):
+            res["wave"] = (wave >= 0.85, f"{wave:.2f}")
+        ins = max(lp.instructions for lp in reading.loops) * 1e6 / _macs_per_step(case) if reading.loops else 0
+
+        def cell(name):
+            if name not in res:
+                return "-"
+            ok, shown = res[name]
+            return shown if ok else f"**NO** {shown}"
+
+        for name, (ok, shown) in res.items():
+            if not ok:
+                short.append(f"{target} {what} {dt} {case.label}: {name} {shown}")
+        lines.append(f"| {what} | {dt} | {case.label} | {cell('mma')} | {cell('pipe')} | {cell('spill')} | {cell('16B')} | "
+                     f"{cell('tf32')} | {reading.regs} | {reading.shared} | {ins:.0f} | "
+                     f"{cell('wave') if 'wave' in res else f'{wave:.2f}'} |")
+    path.write_text("\n".join(lines) + "\n")
+    return short
 
 
 if __name__ == "__main__":
