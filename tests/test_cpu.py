@@ -30,12 +30,17 @@ pytestmark = pytest.mark.skipif(
 FLOOR = {torch.float32: 1e-6, torch.float64: 1e-13}
 MULTIPLE = 4  # allowed multiple of plain PyTorch's own error at the same dtype
 
-# (B, d, L) of each layout: tiny n and d, d = 257 (tiles of uneven width), sample counts that
-# leave remainders in every gather chunk / apply panel, bdl runs that cross slab boundaries, and
-# both ways the Gram products are split: per task sample ranges ("grouped", n >= 16 max(512, 2d),
-# e.g. 8195 x 3 and 8 x 96 x 1300) and one shared gathered panel (the others).
+# (B, d, L) of each layout: tiny n and d, d = 257 (blocks of uneven width), sample counts that
+# leave remainders in every gather chunk / apply block, bdl runs that cross slab boundaries, and
+# the Gram plans of the statistics: per task sample ranges ("grouped", n >= 16 max(512, 2d) with
+# d <= 256, e.g. 8195 x 3 and 8 x 96 x 1300) and one centred panel of every sample ("panel", the
+# others; the "streamed" plan past 32 MiB has its own test below).
 ROWS = [(2, 1, 1), (3, 3, 1), (1031, 257, 1), (8195, 3, 1), (3000, 96, 1)]
 BDL = [(1, 3, 2), (3, 1, 37), (3, 257, 37), (5, 96, 613), (16, 130, 49), (8, 96, 1300)]
+# The backward's "dual" plan (delta None, n <= d: products with Xc Xc^T) at sizes of each layout,
+# with blocks of uneven width and an apply of several sample blocks; with a delta they take the
+# panel plan.
+DUAL = [("rows", (150, 300, 1)), ("bdl", (3, 300, 49)), ("bdl", (7, 1100, 37))]
 SIZES = [("rows", s) for s in ROWS] + [("bdl", s) for s in BDL]
 SIZE_IDS = [f"{lay}-{'x'.join(map(str, s))}" for lay, s in SIZES]
 
@@ -87,8 +92,11 @@ def test_apply_matches_reference(layout, size, dtype, mean):
     assert err <= bound(err_pt, dtype)
 
 
-@pytest.mark.parametrize("layout,size", [("rows", (3000, 96, 1)), ("bdl", (5, 96, 613)), ("bdl", (3, 1, 37))],
-                         ids=["rows", "bdl", "bdl-d1"])
+@pytest.mark.parametrize(
+    "layout,size",
+    [("rows", (3000, 96, 1)), ("bdl", (5, 96, 613)), ("bdl", (3, 1, 37)), ("bdl", (8, 96, 1300))] + DUAL,
+    ids=["rows", "bdl", "bdl-d1", "bdl-grouped"] + [f"{lay}-small-n-{s[0] * s[2]}x{s[1]}" for lay, s in DUAL],
+)
 @pytest.mark.parametrize("mean", [0.0, 100.0, 1000.0])
 @pytest.mark.parametrize("delta,gamma", [(None, 4.0), (0.05, 1.5)])
 def test_backward_kernel_float32_large_mean(layout, size, mean, delta, gamma):
@@ -112,10 +120,10 @@ def test_backward_kernel_float32_large_mean(layout, size, mean, delta, gamma):
     assert torch.allclose(terms.double(), terms_ref, rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("layout,size", [("rows", (15000, 300, 1)), ("bdl", (6, 300, 2500))])
+@pytest.mark.parametrize("layout,size", [("rows", (30000, 300, 1)), ("bdl", (12, 300, 2500))])
 def test_stats_across_super_panels(layout, size):
-    # d > 256 takes the shared split; n * d * 4 bytes = 18 MB makes three 8 MiB super-panels whose
-    # float64 sums are merged.
+    # d > 256 and n * d * 4 bytes = 36 MB, past the 32 MiB panel, take the streamed plan: five
+    # 8 MiB super-panels whose float64 sums are merged.
     x3 = make_x3(layout, *size, torch.float32, mean=300.0)
     mu, M2 = torch.ops.vcreg.stats_kernel(x3)
     mu_ref, M2_ref = vcreg_stats_reference(x3.double())
@@ -126,13 +134,22 @@ def test_stats_across_super_panels(layout, size):
 
 @pytest.mark.parametrize(
     "layout,size",
-    [("rows", (20000, 130, 1)), ("bdl", (8, 96, 1300)), ("rows", (15000, 300, 1)), ("bdl", (16, 384, 196))],
-    ids=["rows-grouped", "bdl-grouped", "rows-super-panels", "bdl-shared-tiles"],
+    [
+        ("rows", (20000, 130, 1)),
+        ("bdl", (8, 96, 1300)),
+        ("rows", (30000, 300, 1)),
+        ("bdl", (16, 384, 196)),
+        ("rows", (3000, 200, 1)),
+        ("rows", (200, 768, 1)),
+        ("bdl", (4, 1024, 49)),
+    ],
+    ids=["rows-grouped", "bdl-grouped", "rows-streamed", "bdl-panel", "rows-panel", "rows-dual", "bdl-dual"],
 )
-def test_bitwise_repeatable_and_thread_count_independent(layout, size):
+@pytest.mark.parametrize("delta", [None, 0.05])
+def test_bitwise_repeatable_and_thread_count_independent(layout, size, delta):
     x3 = make_x3(layout, *size, torch.float32, mean=50.0)
     gy3 = torch.randn(x3.shape)
-    args = (0.5, 0.2, 1e-4, 2.0, None)
+    args = (0.5, 0.2, 1e-4, 2.0, delta)
 
     def run():
         return (*torch.ops.vcreg.stats_kernel(x3), *torch.ops.vcreg.backward_kernel(gy3, x3, *args))
@@ -152,9 +169,10 @@ def test_bitwise_repeatable_and_thread_count_independent(layout, size):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
-def test_outputs_do_not_share_scratch(dtype):
+@pytest.mark.parametrize("size", [(4, 9, 33), (2, 40, 9)], ids=["panel", "dual"])
+def test_outputs_do_not_share_scratch(dtype, size):
     # The kernels keep per-thread scratch between calls; nothing they return may live in it.
-    x_a, x_b = (make_x3("bdl", 4, 9, 33, dtype) for _ in range(2))
+    x_a, x_b = (make_x3("bdl", *size, dtype) for _ in range(2))
     mu_a, M2_a = torch.ops.vcreg.stats_kernel(x_a)
     gx_a, terms_a = torch.ops.vcreg.backward_kernel(x_a, x_a, 0.5, 0.2, 1e-4, 2.0, None)
     kept = [t.clone() for t in (mu_a, M2_a, gx_a, terms_a)]
@@ -164,7 +182,8 @@ def test_outputs_do_not_share_scratch(dtype):
         assert torch.equal(t, k)
 
 
-@pytest.mark.parametrize("layout,size", [("rows", (300, 7, 1)), ("bdl", (3, 7, 37))])
+@pytest.mark.parametrize("layout,size", [("rows", (300, 7, 1)), ("bdl", (3, 7, 37)), ("rows", (6, 9, 1)),
+                                         ("bdl", (2, 40, 9))])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_nonfinite_propagates(layout, size, bad):
     x3 = make_x3(layout, *size, torch.float32)
