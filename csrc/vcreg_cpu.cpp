@@ -229,6 +229,66 @@ std::vector<acc_t> shift_of(const scalar_t* x, const Shape& sh) {
   return K;
 }
 
+// The elementwise loops, on restrict pointers so that they vectorize. Sums keep kLanes
+// independent partial sums (one running sum would wait on each add's latency), lane u taking the
+// elements at u mod kLanes: the same order whatever the vector width.
+constexpr int kLanes = 8;
+
+template <typename acc_t>
+acc_t sum_lanes(const acc_t* lane) {
+  return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+}
+
+// dst = src - k over len values; kSums adds them to lane.
+template <bool kSums, typename scalar_t, typename acc_t>
+inline void shift_run(const scalar_t* __restrict src, acc_t k, acc_t* __restrict dst, int64_t len,
+                      acc_t* __restrict lane) {
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes) {
+    for (int u = 0; u < kLanes; ++u) {
+      const acc_t v = static_cast<acc_t>(src[i + u]) - k;
+      dst[i + u] = v;
+      if constexpr (kSums) lane[u] += v;
+    }
+  }
+  for (int u = 0; i < len; ++i, ++u) {
+    const acc_t v = static_cast<acc_t>(src[i]) - k;
+    dst[i] = v;
+    if constexpr (kSums) lane[u] += v;
+  }
+}
+
+// dst = src - K over a row of w features; kSums adds them to part (w).
+template <bool kSums, typename scalar_t, typename acc_t>
+inline void shift_row(const scalar_t* __restrict src, const acc_t* __restrict K, acc_t* __restrict dst, int64_t w,
+                      acc_t* __restrict part) {
+  for (int64_t j = 0; j < w; ++j) {
+    const acc_t v = static_cast<acc_t>(src[j]) - K[j];
+    dst[j] = v;
+    if constexpr (kSums) part[j] += v;
+  }
+}
+
+// out = gy + (t + p h) (kDiag) or gy + (t - c) over len values.
+template <bool kDiag, typename acc_t, typename grad_t>
+inline void add_run(const grad_t* __restrict gy, const acc_t* __restrict t, const acc_t* __restrict p, acc_t c,
+                    grad_t* __restrict out, int64_t len) {
+  for (int64_t i = 0; i < len; ++i) {
+    const acc_t extra = kDiag ? p[i] * c : -c;
+    out[i] = static_cast<grad_t>(static_cast<acc_t>(gy[i]) + (t[i] + extra));
+  }
+}
+
+// The same over a row of features, c and h per feature.
+template <bool kDiag, typename acc_t, typename grad_t>
+inline void add_row(const grad_t* __restrict gy, const acc_t* __restrict t, const acc_t* __restrict p,
+                    const acc_t* __restrict c, grad_t* __restrict out, int64_t w) {
+  for (int64_t j = 0; j < w; ++j) {
+    const acc_t extra = kDiag ? p[j] * c[j] : -c[j];
+    out[j] = static_cast<grad_t>(static_cast<acc_t>(gy[j]) + (t[j] + extra));
+  }
+}
+
 // Features j0 <= j < j1 of samples s0 .. s0+count-1 of P = X - 1 K^T, in the accumulate dtype,
 // written to P (sample r, feature j) at P[r * ldp + j] ("rows") or P[j * ldp + r] ("bdl": samples
 // along a feature row). kSums adds P's column sums to sums[j] (float64), summing at most
@@ -237,22 +297,16 @@ std::vector<acc_t> shift_of(const scalar_t* x, const Shape& sh) {
 template <bool kSums, typename scalar_t, typename acc_t>
 void gather_shifted(const scalar_t* x, const Shape& sh, int64_t s0, int64_t count, int64_t j0, int64_t j1,
                     const acc_t* K, acc_t* P, int64_t ldp, double* sums) {
-  const int64_t d = sh.d;
+  const int64_t d = sh.d, w = j1 - j0;
   if (sh.rows()) {
-    std::vector<acc_t> part(kSums ? j1 - j0 : 0, acc_t(0));
+    std::vector<acc_t> part(kSums ? w : 0, acc_t(0));
     for (int64_t r = 0; r < count; ++r) {
-      const scalar_t* src = x + (s0 + r) * d;
-      acc_t* dst = P + r * ldp;
-      for (int64_t j = j0; j < j1; ++j) {
-        const acc_t v = static_cast<acc_t>(src[j]) - K[j];
-        dst[j] = v;
-        if constexpr (kSums) part[j - j0] += v;
-      }
+      shift_row<kSums>(x + (s0 + r) * d + j0, K + j0, P + r * ldp + j0, w, part.data());
       if constexpr (kSums) {
         if ((r + 1) % kSumBlock == 0 || r + 1 == count) {
-          for (int64_t j = j0; j < j1; ++j) {
-            sums[j] += part[j - j0];
-            part[j - j0] = 0;
+          for (int64_t j = 0; j < w; ++j) {
+            sums[j0 + j] += part[j];
+            part[j] = 0;
           }
         }
       }
@@ -262,30 +316,12 @@ void gather_shifted(const scalar_t* x, const Shape& sh, int64_t s0, int64_t coun
   for_each_run(sh, s0, count, [&](int64_t b, int64_t l, int64_t r, int64_t len) {
     for (int64_t j = j0; j < j1; ++j) {
       const scalar_t* src = x + (b * d + j) * sh.L + l;
-      acc_t* dst = P + j * ldp + r;
-      const acc_t k = K[j];
-      for (int64_t i0 = 0; i0 < len; i0 += 8 * kSumBlock) {
-        const int64_t i1 = std::min(len, i0 + 8 * kSumBlock);
-        // Eight independent partial sums: one running sum would wait on each add's latency.
-        acc_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        int64_t i = i0;
-        for (; i + 8 <= i1; i += 8) {
-          prefetch(src + sh.L + i, /*write=*/false);
-          for (int u = 0; u < 8; ++u) {
-            const acc_t v = static_cast<acc_t>(src[i + u]) - k;
-            dst[i + u] = v;
-            if constexpr (kSums) part[u] += v;
-          }
-        }
-        for (; i < i1; ++i) {
-          const acc_t v = static_cast<acc_t>(src[i]) - k;
-          dst[i] = v;
-          if constexpr (kSums) part[0] += v;
-        }
-        if constexpr (kSums) {
-          sums[j] += static_cast<double>(((part[0] + part[1]) + (part[2] + part[3])) +
-                                         ((part[4] + part[5]) + (part[6] + part[7])));
-        }
+      prefetch(src + sh.L, /*write=*/false);
+      prefetch(src + sh.L + 16, /*write=*/false);
+      for (int64_t i0 = 0; i0 < len; i0 += kLanes * kSumBlock) {
+        acc_t lane[kLanes] = {};
+        shift_run<kSums>(src + i0, K[j], P + j * ldp + r + i0, std::min(len - i0, kLanes * kSumBlock), lane);
+        if constexpr (kSums) sums[j] += static_cast<double>(sum_lanes(lane));
       }
     }
   });
@@ -294,21 +330,43 @@ void gather_shifted(const scalar_t* x, const Shape& sh, int64_t s0, int64_t coun
 // P -= 1 m^T for features j0 <= j < j1 of all n samples, P laid out as gather_shifted's; kSquares
 // adds the centred columns' sums of squares to sq[j] (float64, kSumBlock values per partial sum).
 template <bool kSquares, typename acc_t>
+inline void centre_run(acc_t* __restrict p, acc_t m, int64_t len, acc_t* __restrict lane) {
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes) {
+    for (int u = 0; u < kLanes; ++u) {
+      const acc_t v = p[i + u] - m;
+      p[i + u] = v;
+      if constexpr (kSquares) lane[u] += v * v;
+    }
+  }
+  for (int u = 0; i < len; ++i, ++u) {
+    const acc_t v = p[i] - m;
+    p[i] = v;
+    if constexpr (kSquares) lane[u] += v * v;
+  }
+}
+
+template <bool kSquares, typename acc_t>
+inline void centre_row(acc_t* __restrict p, const acc_t* __restrict m, int64_t w, acc_t* __restrict part) {
+  for (int64_t j = 0; j < w; ++j) {
+    const acc_t v = p[j] - m[j];
+    p[j] = v;
+    if constexpr (kSquares) part[j] += v * v;
+  }
+}
+
+template <bool kSquares, typename acc_t>
 void centre_columns(const Shape& sh, acc_t* P, int64_t ldp, int64_t j0, int64_t j1, const acc_t* m, double* sq) {
+  const int64_t w = j1 - j0;
   if (sh.rows()) {
-    std::vector<acc_t> part(kSquares ? j1 - j0 : 0, acc_t(0));
+    std::vector<acc_t> part(kSquares ? w : 0, acc_t(0));
     for (int64_t r = 0; r < sh.n; ++r) {
-      acc_t* p = P + r * ldp;
-      for (int64_t j = j0; j < j1; ++j) {
-        const acc_t v = p[j] - m[j];
-        p[j] = v;
-        if constexpr (kSquares) part[j - j0] += v * v;
-      }
+      centre_row<kSquares>(P + r * ldp + j0, m + j0, w, part.data());
       if constexpr (kSquares) {
         if ((r + 1) % kSumBlock == 0 || r + 1 == sh.n) {
-          for (int64_t j = j0; j < j1; ++j) {
-            sq[j] += part[j - j0];
-            part[j - j0] = 0;
+          for (int64_t j = 0; j < w; ++j) {
+            sq[j0 + j] += part[j];
+            part[j] = 0;
           }
         }
       }
@@ -316,28 +374,10 @@ void centre_columns(const Shape& sh, acc_t* P, int64_t ldp, int64_t j0, int64_t 
     return;
   }
   for (int64_t j = j0; j < j1; ++j) {
-    acc_t* p = P + j * ldp;
-    const acc_t mj = m[j];
-    for (int64_t i0 = 0; i0 < sh.n; i0 += 8 * kSumBlock) {
-      const int64_t i1 = std::min(sh.n, i0 + 8 * kSumBlock);
-      acc_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      int64_t i = i0;
-      for (; i + 8 <= i1; i += 8) {
-        for (int u = 0; u < 8; ++u) {
-          const acc_t v = p[i + u] - mj;
-          p[i + u] = v;
-          if constexpr (kSquares) part[u] += v * v;
-        }
-      }
-      for (; i < i1; ++i) {
-        const acc_t v = p[i] - mj;
-        p[i] = v;
-        if constexpr (kSquares) part[0] += v * v;
-      }
-      if constexpr (kSquares) {
-        sq[j] += static_cast<double>(((part[0] + part[1]) + (part[2] + part[3])) +
-                                     ((part[4] + part[5]) + (part[6] + part[7])));
-      }
+    for (int64_t i0 = 0; i0 < sh.n; i0 += kLanes * kSumBlock) {
+      acc_t lane[kLanes] = {};
+      centre_run<kSquares>(P + j * ldp + i0, m[j], std::min(sh.n - i0, kLanes * kSumBlock), lane);
+      if constexpr (kSquares) sq[j] += static_cast<double>(sum_lanes(lane));
     }
   }
 }
@@ -695,7 +735,6 @@ std::pair<double, double> fill_gradient_matrix(const q_t* Q, const double* S, in
   const double dl = delta.value_or(0.0);
   // Tiles in parallel, their phi sums added in tile order: the same l_cov for any thread count.
   std::vector<double> tile_cov(num_upper_tiles(d), 0.0);
-  constexpr int kLanes = 8;  // independent partial sums: one running sum would wait on each add
   const auto pass = [&](auto clip) {
     for_upper_tiles(d, [&](int64_t t, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
       acc_t buf[kPassTile * kPassTile];
@@ -724,7 +763,7 @@ std::pair<double, double> fill_gradient_matrix(const q_t* Q, const double* S, in
         }
         for (int u = 0; j < j1; ++j, ++u) element(j, u);
       }
-      tile_cov[t] = ((cov[0] + cov[1]) + (cov[2] + cov[3])) + ((cov[4] + cov[5]) + (cov[6] + cov[7]));
+      tile_cov[t] = sum_lanes(cov);
       write_mirrored(buf, i0, i1, j0, j1, d, G);
     });
   };
@@ -747,33 +786,17 @@ void add_grad(const acc_t* T, int64_t ldt, const acc_t* c, const acc_t* P, int64
   const int64_t d = sh.d;
   if (sh.rows()) {
     for (int64_t r = 0; r < count; ++r) {
-      const int64_t o = (s0 + r) * d;
-      const acc_t* t = T + r * ldt - j0;
-      const acc_t* p = kDiag ? P + (s0 + r) * ldp : nullptr;
-      for (int64_t j = j0; j < j1; ++j) {
-        const acc_t extra = kDiag ? p[j] * c[j] : -c[j];
-        out[o + j] = static_cast<grad_t>(static_cast<acc_t>(gy[o + j]) + (t[j] + extra));
-      }
+      const int64_t o = (s0 + r) * d + j0;
+      add_row<kDiag>(gy + o, T + r * ldt, kDiag ? P + (s0 + r) * ldp + j0 : nullptr, c + j0, out + o, j1 - j0);
     }
     return;
   }
   for_each_run(sh, s0, count, [&](int64_t b, int64_t l, int64_t r, int64_t len) {
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t o = (b * d + j) * sh.L + l;
-      const acc_t* t = T + (j - j0) * ldt + r;
-      const acc_t* p = kDiag ? P + j * ldp + s0 + r : nullptr;
-      const acc_t cj = c[j];
-      const auto element = [&](int64_t i) {
-        const acc_t extra = kDiag ? p[i] * cj : -cj;
-        out[o + i] = static_cast<grad_t>(static_cast<acc_t>(gy[o + i]) + (t[i] + extra));
-      };
-      int64_t i = 0;
-      for (; i + 8 <= len; i += 8) {
-        prefetch(gy + o + sh.L + i, /*write=*/false);
-        prefetch(out + o + sh.L + i, /*write=*/true);
-        for (int u = 0; u < 8; ++u) element(i + u);
-      }
-      for (; i < len; ++i) element(i);
+      prefetch(gy + o + sh.L, /*write=*/false);
+      prefetch(out + o + sh.L, /*write=*/true);
+      add_run<kDiag>(gy + o, T + (j - j0) * ldt + r, kDiag ? P + j * ldp + s0 + r : nullptr, c[j], out + o, len);
     }
   });
 }
@@ -961,18 +984,18 @@ std::pair<double, double> backward_dual(const ApplyIO& io, double alpha, double 
     const int64_t wj = j1 - j0;
     double sum = 0.0;
     for (int64_t i = i0; i < i1; ++i) {
-      double lanes[8] = {};
+      double lanes[kLanes] = {};
       int64_t j = std::max(i + 1, j0);
       const auto element = [&](int64_t jj, int u) {
         const double a = static_cast<double>(A[i * n + jj]);
         lanes[u] += a * a;
         buf[(i - i0) * wj + (jj - j0)] = static_cast<acc_t>(kappa * a);
       };
-      for (; j + 8 <= j1; j += 8) {
-        for (int u = 0; u < 8; ++u) element(j + u, u);
+      for (; j + kLanes <= j1; j += kLanes) {
+        for (int u = 0; u < kLanes; ++u) element(j + u, u);
       }
       for (int u = 0; j < j1; ++j, ++u) element(j, u);
-      sum += ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+      sum += sum_lanes(lanes);
     }
     tile_frob[t] = sum;
     write_mirrored(buf, i0, i1, j0, j1, n, A);
