@@ -65,6 +65,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -72,6 +73,10 @@
 #include <vector>
 
 #include "vcreg_common.h"
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 
 namespace vcreg {
@@ -109,13 +114,32 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Scratch memory kept per calling thread and reused by later calls. The temporaries are a few MiB;
 // allocated afresh on each call they fragment the heap so that grad_x often lands on fresh pages,
 // which the kernel then faults in and zeroes (~1 ms for a 10 MB gradient, as much as a product).
+// From kHugePage on they are asked for 2 MiB pages: the d x d passes and the products step through
+// them a row (up to 8 KiB) at a time, which on 4 KiB pages misses the TLB on nearly every row.
 enum class Scratch { kGramAcc, kGramPanel, kGramProd, kM2, kG, kApply, kCount };
+constexpr int64_t kHugePage = 2 << 20;
 
 void* scratch_bytes(Scratch slot, int64_t bytes) {
-  thread_local at::Tensor buffers[static_cast<int>(Scratch::kCount)];
-  at::Tensor& b = buffers[static_cast<int>(slot)];
-  if (!b.defined() || b.nbytes() < static_cast<size_t>(bytes)) b = at::empty({bytes}, at::kByte);
-  return b.mutable_data_ptr();
+  struct Buffer {
+    void* data = nullptr;
+    int64_t size = 0;
+    ~Buffer() { std::free(data); }
+  };
+  thread_local Buffer buffers[static_cast<int>(Scratch::kCount)];
+  Buffer& b = buffers[static_cast<int>(slot)];
+  if (b.size < bytes) {
+    std::free(b.data);
+    b.data = nullptr;
+    const int64_t align = bytes >= kHugePage ? kHugePage : 64;
+    const int64_t size = ceil_div(bytes, align) * align;
+    b.data = std::aligned_alloc(static_cast<size_t>(align), static_cast<size_t>(size));
+    TORCH_CHECK(b.data != nullptr, "vcreg: out of memory for ", size, " bytes of scratch");
+#if defined(MADV_HUGEPAGE)
+    if (align == kHugePage) madvise(b.data, static_cast<size_t>(size), MADV_HUGEPAGE);  // a hint: failure is fine
+#endif
+    b.size = size;
+  }
+  return b.data;
 }
 
 template <typename T>
@@ -181,6 +205,13 @@ void gemm(bool ta, const T* A, int64_t lda, bool tb, const T* B, int64_t ldb, T*
   const at::Tensor tb_ = tb ? at::from_blob(b, {k2, k}, {ldb, 1}, opts).t() : at::from_blob(b, {k, k2}, {ldb, 1}, opts);
   at::Tensor c = at::from_blob(C, {m, k2}, {ldc, 1}, opts);
   at::cpu::mm_out(c, ta_, tb_);
+}
+
+// Requests the cache lines of a row segment [p, p + len) ahead of its use: the d x d and n x n
+// passes step through 64-wide tiles a row at a time, too short a run for the hardware prefetcher.
+template <typename T>
+inline void prefetch_row(const T* p, int64_t len, bool write) {
+  for (int64_t i = 0; i < len; i += 64 / static_cast<int64_t>(sizeof(T))) prefetch(p + i, write);
 }
 
 // Calls f(b, l, r, len) for each maximal run of samples s0 + r .. s0 + r + len - 1 that lie in
@@ -557,11 +588,14 @@ void for_upper_tiles(int64_t dim, const F& f) {
 template <typename T>
 void write_mirrored(const T* buf, int64_t i0, int64_t i1, int64_t j0, int64_t j1, int64_t ldm, T* M) {
   const int64_t wj = j1 - j0;
+  constexpr int64_t kAhead = 4;  // rows
   for (int64_t i = i0; i < i1; ++i) {
+    if (i + kAhead < i1) prefetch_row(M + (i + kAhead) * ldm + j0, wj, /*write=*/true);
     const int64_t jb = std::max(i + 1, j0);
     std::copy(buf + (i - i0) * wj + (jb - j0), buf + (i - i0) * wj + wj, M + i * ldm + jb);
   }
   for (int64_t j = j0; j < j1; ++j) {
+    if (j + kAhead < j1) prefetch_row(M + (j + kAhead) * ldm + i0, i1 - i0, /*write=*/true);
     const int64_t ie = std::min(i1, j);
     for (int64_t i = i0; i < ie; ++i) M[j * ldm + i] = buf[(i - i0) * wj + (j - j0)];
   }
@@ -602,7 +636,8 @@ Moments<at::opmath_type<scalar_t>> gram_moments(const at::Tensor& x3) {
   const acc_t* K = m.K.data();
   const TilePlan plan = plan_tiles(kind, n, d, sizeof(acc_t));
   const int64_t ntiles = static_cast<int64_t>(plan.tiles.size());
-  const int64_t groups = plan.groups, w2 = plan.max_width * plan.max_width;
+  const int64_t groups = plan.groups;
+  const int64_t w2 = plan.max_width * (kind == GramKind::kGrouped ? d : plan.max_width);
   const int64_t nthreads = at::get_num_threads();
   // Q per sample group; only its upper tiles are written and read.
   double* acc = scratch<double>(Scratch::kGramAcc, groups * d * d);
@@ -623,9 +658,10 @@ Moments<at::opmath_type<scalar_t>> gram_moments(const at::Tensor& x3) {
         for (int64_t s0 = begin; s0 < end; s0 += plan.panel) {
           const int64_t cnt = std::min(plan.panel, end - s0), ld = sh.rows() ? d : cnt;
           gather_shifted<true>(x, sh, s0, cnt, 0, d, K, P, ld, part_sums.data() + g * d);
-          for (const auto& [I, J] : plan.tiles) {
-            gram_tile(sh.rows(), P, ld, 0, cnt, plan.edges[I], plan.edges[I + 1] - plan.edges[I], plan.edges[J],
-                      plan.edges[J + 1] - plan.edges[J], d, prod, acc + g * d * d, s0 == begin);
+          for (size_t I = 0; I + 1 < plan.edges.size(); ++I) {  // row blocks of the upper triangle
+            const int64_t i0 = plan.edges[I];
+            gram_tile(sh.rows(), P, ld, 0, cnt, i0, plan.edges[I + 1] - i0, i0, d - i0, d, prod, acc + g * d * d,
+                      s0 == begin);
           }
         }
       }
@@ -693,6 +729,7 @@ void centred_gram(const q_t* Q, const double* S, int64_t d, int64_t n, double* M
     double buf[kPassTile * kPassTile];
     const int64_t wj = j1 - j0;
     for (int64_t i = i0; i < i1; ++i) {
+      if (i + 4 < i1) prefetch_row(Q + (i + 4) * d + j0, j1 - j0, /*write=*/false);
       for (int64_t j = std::max(i + 1, j0); j < j1; ++j) {
         buf[(i - i0) * wj + (j - j0)] = static_cast<double>(Q[i * d + j]) - (kCentred ? 0.0 : S[i] * S[j] / nd);
       }
@@ -741,6 +778,7 @@ std::pair<double, double> fill_gradient_matrix(const q_t* Q, const double* S, in
       const int64_t wj = j1 - j0;
       double cov[kLanes] = {};
       for (int64_t i = i0; i < i1; ++i) {
+        if (i + 4 < i1) prefetch_row(Q + (i + 4) * d + j0, j1 - j0, /*write=*/false);
         const double si = S[i];
         const q_t* q = Q + i * d;
         acc_t* g_row = buf + (i - i0) * wj - j0;
@@ -984,6 +1022,7 @@ std::pair<double, double> backward_dual(const ApplyIO& io, double alpha, double 
     const int64_t wj = j1 - j0;
     double sum = 0.0;
     for (int64_t i = i0; i < i1; ++i) {
+      if (i + 4 < i1) prefetch_row(A + (i + 4) * n + j0, j1 - j0, /*write=*/false);
       double lanes[kLanes] = {};
       int64_t j = std::max(i + 1, j0);
       const auto element = [&](int64_t jj, int u) {
