@@ -65,7 +65,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -73,10 +72,6 @@
 #include <vector>
 
 #include "vcreg_common.h"
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 
 namespace vcreg {
@@ -114,32 +109,13 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Scratch memory kept per calling thread and reused by later calls. The temporaries are a few MiB;
 // allocated afresh on each call they fragment the heap so that grad_x often lands on fresh pages,
 // which the kernel then faults in and zeroes (~1 ms for a 10 MB gradient, as much as a product).
-// From kHugePage on they are asked for 2 MiB pages: the d x d passes and the products step through
-// them a row (up to 8 KiB) at a time, which on 4 KiB pages misses the TLB on nearly every row.
 enum class Scratch { kGramAcc, kGramPanel, kGramProd, kM2, kG, kApply, kCount };
-constexpr int64_t kHugePage = 2 << 20;
 
 void* scratch_bytes(Scratch slot, int64_t bytes) {
-  struct Buffer {
-    void* data = nullptr;
-    int64_t size = 0;
-    ~Buffer() { std::free(data); }
-  };
-  thread_local Buffer buffers[static_cast<int>(Scratch::kCount)];
-  Buffer& b = buffers[static_cast<int>(slot)];
-  if (b.size < bytes) {
-    std::free(b.data);
-    b.data = nullptr;
-    const int64_t align = bytes >= kHugePage ? kHugePage : 64;
-    const int64_t size = ceil_div(bytes, align) * align;
-    b.data = std::aligned_alloc(static_cast<size_t>(align), static_cast<size_t>(size));
-    TORCH_CHECK(b.data != nullptr, "vcreg: out of memory for ", size, " bytes of scratch");
-#if defined(MADV_HUGEPAGE)
-    if (align == kHugePage) madvise(b.data, static_cast<size_t>(size), MADV_HUGEPAGE);  // a hint: failure is fine
-#endif
-    b.size = size;
-  }
-  return b.data;
+  thread_local at::Tensor buffers[static_cast<int>(Scratch::kCount)];
+  at::Tensor& b = buffers[static_cast<int>(slot)];
+  if (!b.defined() || b.nbytes() < static_cast<size_t>(bytes)) b = at::empty({bytes}, at::kByte);
+  return b.mutable_data_ptr();
 }
 
 template <typename T>
