@@ -64,6 +64,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <optional>
 #include <tuple>
@@ -151,6 +152,19 @@ class SingleThreadBlas {
  private:
   int previous_;  // 0: the thread had no local setting (MKL then follows the global one)
 };
+
+// Runs f(task) for every task in [0, ntasks) on at::parallel_for's threads, each thread claiming
+// the next task as it frees up, with its BLAS on one thread. Claiming rather than a fixed share: a
+// thread that the OS preempts for another process holds up one task, not a share of them. No
+// task's result depends on the thread that runs it or on the order.
+template <typename F>
+void parallel_tasks(int64_t ntasks, const F& f) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(ntasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    const SingleThreadBlas single_thread_blas;
+    for (int64_t q = next.fetch_add(1); q < ntasks; q = next.fetch_add(1)) f(q);
+  });
+}
 
 // In "bdl" a panel's samples are short runs, one per feature row, L elements apart; the hardware
 // prefetcher starts afresh on each, so the loops request the next row's lines while on this one.
@@ -413,8 +427,8 @@ Panel<at::opmath_type<scalar_t>> gather_panel(const scalar_t* x, const Shape& sh
   acc_t* P = scratch<acc_t>(Scratch::kGramPanel, n * d);
   std::vector<acc_t> m(d);
   // Feature blocks: each feature's sums come from one task, whatever the thread count.
-  at::parallel_for(0, ceil_div(d, kGatherFeatures), 1, [&](int64_t f0, int64_t f1) {
-    const int64_t j0 = f0 * kGatherFeatures, j1 = std::min(d, f1 * kGatherFeatures);
+  parallel_tasks(ceil_div(d, kGatherFeatures), [&](int64_t f) {
+    const int64_t j0 = f * kGatherFeatures, j1 = std::min(d, j0 + kGatherFeatures);
     gather_shifted<true>(x, sh, 0, n, j0, j1, p.K.data(), P, p.ld, p.S.data());
     for (int64_t j = j0; j < j1; ++j) m[j] = static_cast<acc_t>(p.S[j] / static_cast<double>(n));
     if (squares) {
@@ -447,17 +461,14 @@ void gram_upper(const acc_t* P, int64_t ld, bool dim_major, int64_t dim, int64_t
   const int64_t nb0 = std::max(kMinBlocks, ceil_div(dim, kBlock));
   const std::vector<int64_t> edges = block_edges(dim, nb0 + nb0 % 2);
   const int64_t nb = static_cast<int64_t>(edges.size()) - 1;
-  at::parallel_for(0, ceil_div(nb, 2), 1, [&](int64_t t0, int64_t t1) {
-    const SingleThreadBlas single_thread_blas;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t pair[2] = {t, nb - 1 - t};
-      for (int u = 0; u < (pair[0] == pair[1] ? 1 : 2); ++u) {  // an odd count's middle block alone
-        const int64_t i0 = edges[pair[u]], w = edges[pair[u] + 1] - i0, cols = dim - i0;
-        if (dim_major) {
-          gemm(false, P + i0 * ld, ld, true, P + i0 * ld, ld, out + i0 * ldo + i0, ldo, w, cols, k);
-        } else {
-          gemm(true, P + i0, ld, false, P + i0, ld, out + i0 * ldo + i0, ldo, w, cols, k);
-        }
+  parallel_tasks(ceil_div(nb, 2), [&](int64_t t) {
+    const int64_t pair[2] = {t, nb - 1 - t};
+    for (int u = 0; u < (pair[0] == pair[1] ? 1 : 2); ++u) {  // an odd count's middle block alone
+      const int64_t i0 = edges[pair[u]], w = edges[pair[u] + 1] - i0, cols = dim - i0;
+      if (dim_major) {
+        gemm(false, P + i0 * ld, ld, true, P + i0 * ld, ld, out + i0 * ldo + i0, ldo, w, cols, k);
+      } else {
+        gemm(true, P + i0, ld, false, P + i0, ld, out + i0 * ldo + i0, ldo, w, cols, k);
       }
     }
   });
@@ -546,16 +557,21 @@ int64_t num_upper_tiles(int64_t dim) {
 // tiles whole), in parallel from dim = kRowGrain on; the tiles are fixed by dim.
 template <typename F>
 void for_upper_tiles(int64_t dim, const F& f) {
-  const int64_t nb = ceil_div(dim, kPassTile), ntiles = num_upper_tiles(dim);
-  at::parallel_for(0, ntiles, dim < kRowGrain ? ntiles : 1, [&](int64_t t0, int64_t t1) {
-    int64_t I = 0, first = 0;  // tile t is (I, J) in the row-major order of the upper triangle
-    while (first + (nb - I) <= t0) first += nb - I++;
-    for (int64_t t = t0; t < t1; ++t) {
-      if (t - first == nb - I) first += nb - I++;
-      const int64_t J = I + (t - first);
-      f(t, I * kPassTile, std::min(dim, (I + 1) * kPassTile), J * kPassTile, std::min(dim, (J + 1) * kPassTile));
-    }
-  });
+  const int64_t nb = ceil_div(dim, kPassTile);
+  std::vector<std::pair<int64_t, int64_t>> tiles;  // (I, J): tile t in the row-major order of the triangle
+  for (int64_t I = 0; I < nb; ++I) {
+    for (int64_t J = I; J < nb; ++J) tiles.emplace_back(I, J);
+  }
+  const auto run = [&](int64_t t) {
+    const auto [I, J] = tiles[t];
+    f(t, I * kPassTile, std::min(dim, (I + 1) * kPassTile), J * kPassTile, std::min(dim, (J + 1) * kPassTile));
+  };
+  const int64_t ntiles = static_cast<int64_t>(tiles.size());
+  if (dim < kRowGrain) {
+    for (int64_t t = 0; t < ntiles; ++t) run(t);
+  } else {
+    parallel_tasks(ntiles, run);
+  }
 }
 
 // Writes the strictly upper part of a tile both ways: buf (rows i0..i1, columns j0..j1, leading
@@ -624,21 +640,18 @@ Moments<at::opmath_type<scalar_t>> gram_moments(const at::Tensor& x3) {
 
   if (kind == GramKind::kGrouped) {
     acc_t* panel_all = scratch<acc_t>(Scratch::kGramPanel, nthreads * plan.panel * d);
-    at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-      const SingleThreadBlas single_thread_blas;
+    parallel_tasks(groups, [&](int64_t g) {
       const int64_t tid = at::get_thread_num();
       acc_t* P = panel_all + tid * plan.panel * d;
       acc_t* prod = prod_all + tid * w2;
-      for (int64_t g = g0; g < g1; ++g) {
-        const int64_t begin = g * n / groups, end = (g + 1) * n / groups;
-        for (int64_t s0 = begin; s0 < end; s0 += plan.panel) {
-          const int64_t cnt = std::min(plan.panel, end - s0), ld = sh.rows() ? d : cnt;
-          gather_shifted<true>(x, sh, s0, cnt, 0, d, K, P, ld, part_sums.data() + g * d);
-          for (size_t I = 0; I + 1 < plan.edges.size(); ++I) {  // row blocks of the upper triangle
-            const int64_t i0 = plan.edges[I];
-            gram_tile(sh.rows(), P, ld, 0, cnt, i0, plan.edges[I + 1] - i0, i0, d - i0, d, prod, acc + g * d * d,
-                      s0 == begin);
-          }
+      const int64_t begin = g * n / groups, end = (g + 1) * n / groups;
+      for (int64_t s0 = begin; s0 < end; s0 += plan.panel) {
+        const int64_t cnt = std::min(plan.panel, end - s0), ld = sh.rows() ? d : cnt;
+        gather_shifted<true>(x, sh, s0, cnt, 0, d, K, P, ld, part_sums.data() + g * d);
+        for (size_t I = 0; I + 1 < plan.edges.size(); ++I) {  // row blocks of the upper triangle
+          const int64_t i0 = plan.edges[I];
+          gram_tile(sh.rows(), P, ld, 0, cnt, i0, plan.edges[I + 1] - i0, i0, d - i0, d, prod, acc + g * d * d,
+                    s0 == begin);
         }
       }
     });
@@ -651,30 +664,25 @@ Moments<at::opmath_type<scalar_t>> gram_moments(const at::Tensor& x3) {
       const int64_t len = std::min(plan.panel, n - s0), ld = sh.rows() ? d : len;
       const int64_t nchunks = ceil_div(len, kGatherChunk), chunk = ceil_div(len, nchunks);
       std::fill(part_sums.begin(), part_sums.end(), 0.0);
-      at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-        for (int64_t c = c0; c < c1; ++c) {
-          const int64_t r0 = c * chunk, cnt = std::min(chunk, len - r0);
-          if (cnt <= 0) continue;
-          gather_shifted<true>(x, sh, s0 + r0, cnt, 0, d, K, sh.rows() ? P + r0 * d : P + r0, ld,
-                               part_sums.data() + c * d);
-        }
+      parallel_tasks(nchunks, [&](int64_t c) {
+        const int64_t r0 = c * chunk, cnt = std::min(chunk, len - r0);
+        if (cnt <= 0) return;
+        gather_shifted<true>(x, sh, s0 + r0, cnt, 0, d, K, sh.rows() ? P + r0 * d : P + r0, ld,
+                             part_sums.data() + c * d);
       });
       for (int64_t c = 0; c < nchunks; ++c) {
         for (int64_t j = 0; j < d; ++j) m.S[j] += part_sums[c * d + j];
       }
-      at::parallel_for(0, groups * ntiles, 1, [&](int64_t q0, int64_t q1) {
-        const SingleThreadBlas single_thread_blas;
+      parallel_tasks(groups * ntiles, [&](int64_t q) {
         acc_t* prod = prod_all + at::get_thread_num() * w2;
-        for (int64_t q = q0; q < q1; ++q) {
-          const int64_t g = q / ntiles;
-          const auto [I, J] = plan.tiles[q % ntiles];
-          const int64_t k0 = g * len / groups, k = (g + 1) * len / groups - k0;
-          // The first super-panel has len >= groups (plan_tiles), so every product there is non-empty.
-          TORCH_INTERNAL_ASSERT(k > 0 || s0 > 0);
-          if (k == 0) continue;
-          gram_tile(sh.rows(), P, ld, k0, k, plan.edges[I], plan.edges[I + 1] - plan.edges[I], plan.edges[J],
-                    plan.edges[J + 1] - plan.edges[J], d, prod, acc + g * d * d, s0 == 0);
-        }
+        const int64_t g = q / ntiles;
+        const auto [I, J] = plan.tiles[q % ntiles];
+        const int64_t k0 = g * len / groups, k = (g + 1) * len / groups - k0;
+        // The first super-panel has len >= groups (plan_tiles), so every product there is non-empty.
+        TORCH_INTERNAL_ASSERT(k > 0 || s0 > 0);
+        if (k == 0) return;
+        gram_tile(sh.rows(), P, ld, k0, k, plan.edges[I], plan.edges[I + 1] - plan.edges[I], plan.edges[J],
+                  plan.edges[J + 1] - plan.edges[J], d, prod, acc + g * d * d, s0 == 0);
       });
     }
   }
@@ -841,21 +849,18 @@ void apply_gathered(const Shape& sh, const scalar_t* x, const at::opmath_type<sc
   panels = ceil_div(n, R);
   acc_t* buf_all = scratch<acc_t>(Scratch::kApply, at::get_num_threads() * 2 * R * d);
 
-  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-    const SingleThreadBlas single_thread_blas;
+  parallel_tasks(panels, [&](int64_t p) {
     acc_t* P = buf_all + at::get_thread_num() * 2 * R * d;
     acc_t* T = P + R * d;
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t s0 = p * R, cnt = std::min(R, n - s0);
-      const int64_t ld = sh.rows() ? d : cnt;
-      gather_shifted<false>(x, sh, s0, cnt, 0, d, K, P, ld, nullptr);
-      if (sh.rows()) {
-        gemm(false, P, ld, false, G, d, T, ld, cnt, d, d);
-      } else {
-        gemm(true, G, d, false, P, ld, T, ld, d, cnt, d);  // bdl panels are d x R: G^T P
-      }
-      add_grad<false>(T, ld, c, static_cast<const acc_t*>(nullptr), 0, gy, o, sh, s0, cnt, 0, d);
+    const int64_t s0 = p * R, cnt = std::min(R, n - s0);
+    const int64_t ld = sh.rows() ? d : cnt;
+    gather_shifted<false>(x, sh, s0, cnt, 0, d, K, P, ld, nullptr);
+    if (sh.rows()) {
+      gemm(false, P, ld, false, G, d, T, ld, cnt, d, d);
+    } else {
+      gemm(true, G, d, false, P, ld, T, ld, d, cnt, d);  // bdl panels are d x R: G^T P
     }
+    add_grad<false>(T, ld, c, static_cast<const acc_t*>(nullptr), 0, gy, o, sh, s0, cnt, 0, d);
   });
 }
 
@@ -887,10 +892,9 @@ void apply_panel(const Shape& sh, const Panel<acc_t>& panel, const acc_t* M, con
   const acc_t* P = panel.P;
   const ApplyGrid g = apply_grid(n, d, sizeof(acc_t));
   acc_t* buf_all = scratch<acc_t>(Scratch::kApply, at::get_num_threads() * g.ls * g.wf);
-  at::parallel_for(0, g.nf * g.ns, 1, [&](int64_t q0, int64_t q1) {
-    const SingleThreadBlas single_thread_blas;
+  parallel_tasks(g.nf * g.ns, [&](int64_t q) {
     acc_t* T = buf_all + at::get_thread_num() * g.ls * g.wf;
-    for (int64_t q = q0; q < q1; ++q) {
+    {
       const int64_t f = q / g.ns, s = q % g.ns;
       const int64_t j0 = f * g.wf, j1 = std::min(d, j0 + g.wf), w = j1 - j0;
       const int64_t s0 = s * g.ls, cnt = std::min(g.ls, n - s0);
@@ -917,7 +921,8 @@ void apply_panel(const Shape& sh, const Panel<acc_t>& panel, const acc_t* M, con
 template <typename acc_t>
 std::vector<acc_t> shift_correction(const double* e, const acc_t* G, int64_t d) {
   std::vector<double> c(d, 0.0);
-  at::parallel_for(0, d, kRowGrain, [&](int64_t j0, int64_t j1) {
+  parallel_tasks(ceil_div(d, kRowGrain), [&](int64_t b) {
+    const int64_t j0 = b * kRowGrain, j1 = std::min(d, j0 + kRowGrain);
     for (int64_t i = 0; i < d; ++i) {
       const double ei = e[i];
       for (int64_t j = j0; j < j1; ++j) c[j] += ei * static_cast<double>(G[i * d + j]);
