@@ -39,18 +39,21 @@
 //     accumulate dtype (no float64 accumulators: one product covers every sample); G in one d x d
 //     pass; the apply multiplies the same panel by G.
 //   grouped (n >= 16 max(512, 2d), d <= 256): 16 fixed sample ranges, each gathering its samples
-//     panel by panel into its own buffer (in L2) and running every upper tile of Q on it into its
-//     own float64 accumulator; the apply gathers again panel by panel.
+//     panel by panel into its own buffer (in L2) and adding the row blocks of Q's upper triangle
+//     over that panel into its own float64 accumulator (too few blocks to keep two threads busy:
+//     the samples are split instead); the apply gathers again, panel by panel.
 //   streamed (the rest: X past kPanelMaxBytes): X gathered in super-panels of ~8 MiB by parallel
-//     chunks, whose (sample group x tile) products go into float64 accumulators; apply as grouped.
+//     chunks, whose (sample group x upper tile) products go into float64 accumulators; apply as
+//     grouped.
 //
-// Work split: fixed by n and d only, so results are bitwise the same run to run and for any
-// number of threads. Each feature's sums come from one task; every product is one BLAS call of a
-// fixed shape on one thread (at::parallel_for tasks, each told so by SingleThreadBlas: MKL would
-// cut a product's inner dimension by its thread count); accumulators and partial sums are added
-// in a fixed order (sample groups, tiles). Panel and dual Gram products: row blocks I and nb-1-I
-// of the triangle make one task, of equal work; their applies: (feature block x sample block)
-// products. The d x d and n x n passes: fixed 64 x 64 tiles, in parallel from 256 on.
+// Work split: tasks fixed by n and d only, so results are bitwise the same run to run and for
+// any number of threads; the threads claim them one at a time (parallel_tasks). Each feature's
+// sums come from one task; every product is one BLAS call of a fixed shape on one thread
+// (SingleThreadBlas: MKL would cut a product's inner dimension by its thread count); accumulators
+// and partial sums are added in a fixed order (sample groups, tiles). Panel and dual Gram
+// products: row blocks I and nb-1-I of the triangle make one task, of equal work; their applies:
+// (feature block x sample block) products. The d x d and n x n passes: fixed 64 x 64 tiles, in
+// parallel from 256 on.
 // Temporaries (the panel, up to kPanelMaxBytes; a d x d or n x n matrix) are per-thread scratch
 // reused across calls.
 #include <ATen/Dispatch.h>
@@ -74,7 +77,6 @@
 
 #include "vcreg_common.h"
 
-
 namespace vcreg {
 namespace {
 
@@ -91,15 +93,15 @@ constexpr int64_t kGroups = 16;                    // grouped: parallel tasks, e
 constexpr int64_t kGroupPanelBytes = 512 << 10;    // grouped: gathered panel per task; fits L2
 constexpr int64_t kGroupAccBytes = 8 << 20;        // grouped: all float64 accumulators together
 constexpr int64_t kGatherChunk = 1024;             // streamed: samples per gather task
-constexpr int64_t kTile = 96;                      // grouped, streamed: Gram tile width, one BLAS call each
-constexpr int64_t kMinSplitWidth = 96;             // from here on even two tiles beat one square product
+constexpr int64_t kTile = 96;                      // grouped, streamed: Gram row-block / tile width
+constexpr int64_t kMinSplitWidth = 96;             // from here on even two blocks beat one square product
 constexpr int64_t kMinGramItems = 16;              // streamed: tiles x sample groups per super-panel
 constexpr int64_t kMinGroupSamples = 128;          // the shortest product worth one BLAS call
 constexpr int64_t kApplyPanelBytes = 256 << 10;    // apply: product block; stays in L2
 constexpr int64_t kApplyPanelSamples = 512;        // apply (gathered): panel length for large d
 constexpr int64_t kApplyPanelMaxBytes = 4 << 20;   // apply (gathered): panel cap for very large d
 constexpr int64_t kMinApplyPanelSamples = 256;     // apply (gathered): shortest panel worth rounding the count for
-constexpr int64_t kApplyPanelMultiple = 8;         // apply: task count splits evenly over 1, 2, 4, 8 threads
+constexpr int64_t kApplyPanelMultiple = 8;         // apply (gathered): panel count splits evenly over 1, 2, 4, 8 threads
 constexpr int64_t kMinApplyTasks = 4;              // apply (panel, dual): fewest products
 constexpr int64_t kMinApplySamples = 128;          // apply (panel, dual): shortest sample block
 constexpr int64_t kPassTile = 64;                  // d x d and n x n passes: tile width
@@ -110,7 +112,7 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Scratch memory kept per calling thread and reused by later calls. The temporaries are a few MiB;
 // allocated afresh on each call they fragment the heap so that grad_x often lands on fresh pages,
 // which the kernel then faults in and zeroes (~1 ms for a 10 MB gradient, as much as a product).
-enum class Scratch { kGramAcc, kGramPanel, kGramProd, kM2, kG, kApply, kCount };
+enum class Scratch { kGramAcc, kGramPanel, kGramProd, kG, kApply, kCount };
 
 void* scratch_bytes(Scratch slot, int64_t bytes) {
   thread_local at::Tensor buffers[static_cast<int>(Scratch::kCount)];
@@ -477,8 +479,8 @@ void gram_upper(const acc_t* P, int64_t ld, bool dim_major, int64_t dim, int64_t
 // How Q = (X - 1 K^T)^T (X - 1 K^T) is cut into BLAS calls (the top comment says why):
 //   panel:    the centred panel (gather_panel), Q = M2 by gram_upper straight into acc_t;
 //   grouped:  kGroups fixed ranges of samples, one parallel task each, gathering its samples panel
-//             by panel into its own buffer (in L2) and running every upper tile on it into that
-//             group's float64 accumulator;
+//             by panel into its own buffer (in L2) and adding each row block of the upper triangle
+//             over it into that group's float64 accumulator;
 //   streamed: X in super-panels gathered in parallel into one buffer, whose (sample group x tile)
 //             products are the parallel tasks, each into its group's float64 accumulator.
 enum class GramKind { kPanel, kGrouped, kStreamed };
@@ -493,10 +495,11 @@ GramKind gram_kind(int64_t n, int64_t d, int64_t elem_bytes) {
   return GramKind::kStreamed;
 }
 
-// grouped, streamed: upper tiles (diagonal tiles whole) of about kTile, sample groups, panel length.
+// grouped, streamed: blocks of about kTile along d, sample groups, panel length; streamed also
+// cuts the upper triangle into tiles (diagonal tiles whole), grouped into row blocks.
 struct TilePlan {
   std::vector<int64_t> edges;
-  std::vector<std::pair<int64_t, int64_t>> tiles;  // (I, J), I <= J
+  std::vector<std::pair<int64_t, int64_t>> tiles;  // streamed: (I, J), I <= J
   int64_t max_width = 0;
   int64_t groups = 1;  // sample groups, each with its own accumulator
   int64_t panel = 0;   // samples gathered at once: per task (grouped) or per super-panel (streamed)
