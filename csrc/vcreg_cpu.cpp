@@ -34,14 +34,15 @@
 //     h = diag(G) - kappa diag(M2), so with A = Xc Xc^T (n x n)
 //       Xc G = kappa A Xc + Xc diag(h),   ||M2||_F = ||A||_F  (l_cov),   diag(M2) = column norms,
 //     about 3 n^2 d flops instead of 3 n d^2, and no d x d matrix at all.
-//   panel (X within kPanelMaxBytes, n not large against d): one centred panel of every sample;
-//     each row block of Q's upper triangle is one BLAS product over all samples straight into the
-//     accumulate dtype (no float64 accumulators: one product covers every sample); G in one d x d
-//     pass; the apply multiplies the same panel by G.
-//   grouped (n >= 16 max(512, 2d), d <= 256): 16 fixed sample ranges, each gathering its samples
-//     panel by panel into its own buffer (in L2) and adding the row blocks of Q's upper triangle
-//     over that panel into its own float64 accumulator (too few blocks to keep two threads busy:
-//     the samples are split instead); the apply gathers again, panel by panel.
+//   panel (X within kPanelMaxBytes; d >= 128, or n not large against d): one centred panel of
+//     every sample; each row block of Q's upper triangle is one BLAS product over all samples
+//     straight into the accumulate dtype (no float64 accumulators: one product covers every
+//     sample); G in one d x d pass; the apply multiplies the same panel by G.
+//   grouped (n >= 16 max(512, 2d) with d < 128, or d <= 256 past kPanelMaxBytes): 16 fixed sample
+//     ranges, each gathering its samples panel by panel into its own buffer (in L2) and adding the
+//     row blocks of Q's upper triangle over that panel into its own float64 accumulator (too few
+//     blocks to keep two threads busy: the samples are split instead); the apply gathers again,
+//     panel by panel.
 //   streamed (the rest: X past kPanelMaxBytes): X gathered in super-panels of ~8 MiB by parallel
 //     chunks, whose (sample group x upper tile) products go into float64 accumulators; apply as
 //     grouped.
@@ -85,6 +86,7 @@ constexpr int64_t kShiftRuns = 4;                  // the shift K: runs of conse
 constexpr int64_t kShiftRunLength = 16;            //   ... each this long
 constexpr int64_t kSumBlock = 256;                 // values per float32 partial column sum
 constexpr int64_t kPanelMaxBytes = 32 << 20;       // panel, dual: the largest shifted copy of X kept whole
+constexpr int64_t kMinPanelWidth = 128;            // panel: narrower Q leaves too thin row blocks
 constexpr int64_t kBlock = 256;                    // panel, dual: Gram row-block width
 constexpr int64_t kMinBlocks = 4;                  // panel, dual: row blocks, paired into >= 2 equal tasks
 constexpr int64_t kGatherFeatures = 32;            // panel, dual: features per gather task
@@ -486,13 +488,15 @@ void gram_upper(const acc_t* P, int64_t ld, bool dim_major, int64_t dim, int64_t
 enum class GramKind { kPanel, kGrouped, kStreamed };
 
 GramKind gram_kind(int64_t n, int64_t d, int64_t elem_bytes) {
-  // Grouped needs products long against d (accumulators cost d^2 per group) and d^2 accumulators
-  // that stay small.
+  // The panel gathers X once for both halves; below kMinPanelWidth its row blocks get too thin
+  // and grouped's L2-sized panels win where n is large. Grouped needs products long against d
+  // (accumulators cost d^2 per group) and d^2 accumulators that stay small.
+  const bool fits = n * d * elem_bytes <= kPanelMaxBytes;
+  if (fits && d >= kMinPanelWidth) return GramKind::kPanel;
   if (n / kGroups >= std::max(4 * kMinGroupSamples, 2 * d) && kGroups * d * d * 8 <= kGroupAccBytes) {
     return GramKind::kGrouped;
   }
-  if (n * d * elem_bytes <= kPanelMaxBytes) return GramKind::kPanel;
-  return GramKind::kStreamed;
+  return fits ? GramKind::kPanel : GramKind::kStreamed;
 }
 
 // grouped, streamed: blocks of about kTile along d, sample groups, panel length; streamed also

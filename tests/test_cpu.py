@@ -33,8 +33,8 @@ MULTIPLE = 4  # allowed multiple of plain PyTorch's own error at the same dtype
 # (B, d, L) of each layout: tiny n and d, d = 257 (blocks of uneven width), sample counts that
 # leave remainders in every gather chunk / apply block, bdl runs that cross slab boundaries, and
 # the Gram plans of the statistics: per task sample ranges ("grouped", n >= 16 max(512, 2d) with
-# d <= 256, e.g. 8195 x 3 and 8 x 96 x 1300) and one centred panel of every sample ("panel", the
-# others; the "streamed" plan past 32 MiB has its own test below).
+# d < 128, e.g. 8195 x 3 and 8 x 96 x 1300) and one centred panel of every sample ("panel", the
+# others; "streamed" and "grouped" past 32 MiB have their own tests below).
 ROWS = [(2, 1, 1), (3, 3, 1), (1031, 257, 1), (8195, 3, 1), (3000, 96, 1)]
 BDL = [(1, 3, 2), (3, 1, 37), (3, 257, 37), (5, 96, 613), (16, 130, 49), (8, 96, 1300)]
 # The backward's "dual" plan (delta None, n <= d: products with Xc Xc^T) at sizes of each layout,
@@ -94,8 +94,10 @@ def test_apply_matches_reference(layout, size, dtype, mean):
 
 @pytest.mark.parametrize(
     "layout,size",
-    [("rows", (3000, 96, 1)), ("bdl", (5, 96, 613)), ("bdl", (3, 1, 37)), ("bdl", (8, 96, 1300))] + DUAL,
-    ids=["rows", "bdl", "bdl-d1", "bdl-grouped"] + [f"{lay}-small-n-{s[0] * s[2]}x{s[1]}" for lay, s in DUAL],
+    [("rows", (3000, 96, 1)), ("bdl", (5, 96, 613)), ("bdl", (3, 1, 37)), ("bdl", (8, 96, 1300)),
+     ("bdl", (4, 160, 3000))] + DUAL,
+    ids=["rows", "bdl", "bdl-d1", "bdl-grouped", "bdl-panel-12000-samples"]
+    + [f"{lay}-small-n-{s[0] * s[2]}x{s[1]}" for lay, s in DUAL],
 )
 @pytest.mark.parametrize("mean", [0.0, 100.0, 1000.0])
 @pytest.mark.parametrize("delta,gamma", [(None, 4.0), (0.05, 1.5)])
@@ -135,15 +137,18 @@ def test_stats_across_super_panels(layout, size):
 @pytest.mark.parametrize(
     "layout,size",
     [
-        ("rows", (20000, 130, 1)),
+        ("rows", (20000, 100, 1)),
         ("bdl", (8, 96, 1300)),
+        ("rows", (70000, 130, 1)),
         ("rows", (30000, 300, 1)),
         ("bdl", (16, 384, 196)),
         ("rows", (3000, 200, 1)),
+        ("bdl", (4, 256, 3136)),
         ("rows", (200, 768, 1)),
         ("bdl", (4, 1024, 49)),
     ],
-    ids=["rows-grouped", "bdl-grouped", "rows-streamed", "bdl-panel", "rows-panel", "rows-dual", "bdl-dual"],
+    ids=["rows-grouped", "bdl-grouped", "rows-grouped-past-panel", "rows-streamed", "bdl-panel", "rows-panel",
+         "bdl-panel-large-n", "rows-dual", "bdl-dual"],
 )
 @pytest.mark.parametrize("delta", [None, 0.05])
 def test_bitwise_repeatable_and_thread_count_independent(layout, size, delta):
