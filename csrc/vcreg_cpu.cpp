@@ -872,15 +872,16 @@ void apply_gathered(const Shape& sh, const scalar_t* x, const at::opmath_type<sc
 }
 
 // The (feature block x sample block) products of the panel and dual plans' applies: blocks of
-// up to kBlock features and kMinApplySamples or more samples whose product stays within
-// kApplyPanelBytes, at least kMinApplyTasks of them; fixed by n and d.
+// whole rows ("rows": the product's rows are grad_x's) or of up to kBlock features ("bdl"), and
+// of kMinApplySamples or more samples whose product stays within kApplyPanelBytes, at least
+// kMinApplyTasks of them; fixed by n, d and the layout.
 struct ApplyGrid {
   int64_t nf, wf, ns, ls;
 };
 
-ApplyGrid apply_grid(int64_t n, int64_t d, int64_t elem_bytes) {
+ApplyGrid apply_grid(int64_t n, int64_t d, int64_t elem_bytes, bool rows) {
   ApplyGrid g;
-  g.nf = ceil_div(d, kBlock);
+  g.nf = rows ? 1 : ceil_div(d, kBlock);
   const int64_t blocks = std::max(kMinApplyTasks, ceil_div(n * d * elem_bytes, kApplyPanelBytes));
   g.ns = std::clamp<int64_t>(ceil_div(blocks, g.nf), 1, std::max<int64_t>(1, n / kMinApplySamples));
   if (g.nf * g.ns < kMinApplyTasks) g.nf = std::min(ceil_div(kMinApplyTasks, g.ns), std::max<int64_t>(1, d / 32));
@@ -897,7 +898,7 @@ void apply_panel(const Shape& sh, const Panel<acc_t>& panel, const acc_t* M, con
                  grad_t* o) {
   const int64_t d = sh.d, n = sh.n, ldp = panel.ld;
   const acc_t* P = panel.P;
-  const ApplyGrid g = apply_grid(n, d, sizeof(acc_t));
+  const ApplyGrid g = apply_grid(n, d, sizeof(acc_t), sh.rows());
   acc_t* buf_all = scratch<acc_t>(Scratch::kApply, at::get_num_threads() * g.ls * g.wf);
   parallel_tasks(g.nf * g.ns, [&](int64_t q) {
     acc_t* T = buf_all + at::get_thread_num() * g.ls * g.wf;
