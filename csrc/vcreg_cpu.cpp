@@ -33,7 +33,9 @@
 //     scaled off its diagonal: G = kappa M2 + diag(h), kappa = 4 beta / (d (d-1) (n-1)^2),
 //     h = diag(G) - kappa diag(M2), so with A = Xc Xc^T (n x n)
 //       Xc G = kappa A Xc + Xc diag(h),   ||M2||_F = ||A||_F  (l_cov),   diag(M2) = column norms,
-//     about 3 n^2 d flops instead of 3 n d^2, and no d x d matrix at all.
+//     about 3 n^2 d flops instead of 3 n d^2, and no d x d matrix at all. l_cov subtracts the
+//     diagonal's sum of squares from ||A||_F^2; with n <= d the off-diagonal part is at least
+//     about as large for uncorrelated features, so the subtraction costs at most a bit or two.
 //   panel (X within kPanelMaxBytes; d >= 128, or n not large against d): one centred panel of
 //     every sample; each row block of Q's upper triangle is one BLAS product over all samples
 //     straight into the accumulate dtype (no float64 accumulators: one product covers every
@@ -47,14 +49,15 @@
 //     chunks, whose (sample group x upper tile) products go into float64 accumulators; apply as
 //     grouped.
 //
-// Work split: tasks fixed by n and d only, so results are bitwise the same run to run and for
-// any number of threads; the threads claim them one at a time (parallel_tasks). Each feature's
+// Work split: tasks fixed by the shape (n, d, layout) and the plan only, so results are bitwise
+// the same run to run and for any number of threads; the threads claim them one at a time
+// (parallel_tasks). Each feature's
 // sums come from one task; every product is one BLAS call of a fixed shape on one thread
 // (SingleThreadBlas: MKL would cut a product's inner dimension by its thread count); accumulators
 // and partial sums are added in a fixed order (sample groups, tiles). Panel and dual Gram
 // products: row blocks I and nb-1-I of the triangle make one task, of equal work; their applies:
-// (feature block x sample block) products. The d x d and n x n passes: fixed 64 x 64 tiles, in
-// parallel from 256 on.
+// (feature block x sample block) products, whole rows in the "rows" layout. The d x d and n x n
+// passes: fixed 64 x 64 tiles, in parallel from 256 on.
 // Temporaries (the panel, up to kPanelMaxBytes; a d x d or n x n matrix) are per-thread scratch
 // reused across calls.
 #include <ATen/Dispatch.h>
