@@ -2,53 +2,79 @@
 // vcreg::apply_kernel, whose schemas are defined once in vcreg_kernels/_ops.py and whose exact
 // semantics are those of vcreg_kernels/reference.py.
 //
-// Inputs are the canonical views of vcreg_kernels/_layout.py, x3 and grad_y3: (B, d, L), samples
+// Inputs are the canonical tensors of vcreg_kernels/_layout.py, x3 and grad_y3: (B, d, L), samples
 // s = (b, l), n = B * L, X (n x d) the activation flattened along its feature dimension:
 //   "rows": L == 1, strides (d, 1, 1): X is x3 as a row-major matrix
 //           (x: (N, T, d) with dim=-1, or x: (N, C, H, W) channels_last with dim=1);
 //   "bdl":  contiguous, L > 1: slab b is the d x L matrix X_b^T (x: (N, C, H, W) with dim=1, L = H*W).
-// Both are contiguous (B, d, L) tensors; any other strides are made contiguous first.
+// Both are contiguous (B, d, L) tensors (vcreg_common.h checks); so is grad_x3.
 //
 //   stats_kernel(x3)              -> mu = X^T 1 / n  (d),  M2 = Xc^T Xc  (d x d),  Xc = X - 1 mu^T
 //   apply_kernel(gy3, x3, G, mu)  -> grad_x3 = grad_y3 + (X - 1 mu^T) G   (G: d x d)
 //   backward_kernel(gy3, x3, ...) -> C = M2 / (n-1); G and (l_var, l_cov) of SPEC section 2 from C
-//                                    (in float64); then apply_kernel with that G and mu.
+//                                    (in float64); grad_x3 = grad_y3 + Xc G.
 // mu, M2 and the terms are returned in the accumulate dtype (float64 for float64 input, else
-// float32); grad_x3 in grad_y3's dtype with x3's strides.
+// float32); grad_x3 in grad_y3's dtype.
 //
-// Numerics (SPEC section 2). The Gram products run on shifted data X - 1 K^T, K the mean of 64
-// samples spread over X, subtracted in the accumulate dtype before any product:
-//   S = (X - 1 K^T)^T (X - 1 K^T),  s = (X - 1 K^T)^T 1,  mu = K + s / n,  M2 = S - s s^T / n,
+// Numerics (SPEC section 2). Every product runs on shifted data X - 1 K^T, K the mean of 64
+// samples (4 runs of 16 spread over X), subtracted in the accumulate dtype before any product:
+//   S = (X - 1 K^T)^T 1  (float64),  mu = K + S / n,  Q = (X - 1 K^T)^T (X - 1 K^T),  M2 = Q - S S^T / n,
 // which is Chan's merge with one shared shift; with K within a few std of mu no float32 product
-// sees the mean, so |mu|/std = 1000 costs nothing. Each float32 product covers one gathered panel;
-// S, s and the merge are accumulated in float64. The apply subtracts K' = mu rounded to the
-// accumulate dtype and corrects by the rounding's image (mu - K') G, a d-vector in float64.
+// sees the mean, so |mu|/std = 1000 costs nothing. Where X is gathered whole (panel and dual
+// plans), its columns are centred as well, by m = S / n rounded to the accumulate dtype, while
+// they are in cache: Q is then M2 itself, and the apply multiplies the same centred panel, the
+// rounding of m being below float32's rounding of the centred values. Elsewhere each product
+// covers one gathered panel and Q sums them in float64; the apply gathers X - 1 K'^T again with
+// K' = mu rounded to the accumulate dtype and subtracts the rounding's image (mu - K') G, a
+// d-vector in float64.
 //
-// Work split: fixed by n and d only, never by the thread count, so results are bitwise the same
-// run to run and for any number of threads. Stats: the upper triangle of S is cut into tiles
-// (diagonal tiles whole), each a BLAS product over a group of samples added into that group's
-// float64 accumulator; the groups' accumulators and column sums are summed in group order.
-// Where n is large against d ("grouped"), 16 fixed sample ranges are the parallel tasks, each
-// gathering its shifted samples panel by panel into its own buffer (in L2) and running every tile
-// on it. Otherwise ("shared") X is gathered in super-panels of ~8 MiB by parallel chunks, and the
-// (sample group x tile) products of each super-panel are the parallel tasks. Apply: independent
-// panels of samples, each gathered, multiplied by G and added to grad_y. BLAS is called inside
-// at::parallel_for tasks, each told to run its products on one thread (SingleThreadBlas).
-// Temporaries (a few MiB; d^2 float64 for M2) are per-thread scratch reused across calls.
+// Plans, chosen by n, d and whether delta is set (never by the thread count):
+//   dual (backward_kernel; delta None, n <= d, X within kPanelMaxBytes). Without a clip G is M2
+//     scaled off its diagonal: G = kappa M2 + diag(h), kappa = 4 beta / (d (d-1) (n-1)^2),
+//     h = diag(G) - kappa diag(M2), so with A = Xc Xc^T (n x n)
+//       Xc G = kappa A Xc + Xc diag(h),   ||M2||_F = ||A||_F  (l_cov),   diag(M2) = column norms,
+//     about 3 n^2 d flops instead of 3 n d^2, and no d x d matrix at all. l_cov subtracts the
+//     diagonal's sum of squares from ||A||_F^2; with n <= d the off-diagonal part is at least
+//     about as large for uncorrelated features, so the subtraction costs at most a bit or two.
+//   panel (X within kPanelMaxBytes; d >= 128, or n not large against d): one centred panel of
+//     every sample; each row block of Q's upper triangle is one BLAS product over all samples
+//     straight into the accumulate dtype (no float64 accumulators: one product covers every
+//     sample); G in one d x d pass; the apply multiplies the same panel by G.
+//   grouped (n >= 16 max(512, 2d) with d < 128, or d <= 256 past kPanelMaxBytes): 16 fixed sample
+//     ranges, each gathering its samples panel by panel into its own buffer (in L2) and adding the
+//     row blocks of Q's upper triangle over that panel into its own float64 accumulator (too few
+//     blocks to keep two threads busy: the samples are split instead); the apply gathers again,
+//     panel by panel.
+//   streamed (the rest: X past kPanelMaxBytes): X gathered in super-panels of ~8 MiB by parallel
+//     chunks, whose (sample group x upper tile) products go into float64 accumulators; apply as
+//     grouped.
+//
+// Work split: tasks fixed by the shape (n, d, layout) and the plan only, so results are bitwise
+// the same run to run and for any number of threads; the threads claim them one at a time
+// (parallel_tasks). Each feature's
+// sums come from one task; every product is one BLAS call of a fixed shape on one thread
+// (SingleThreadBlas: MKL would cut a product's inner dimension by its thread count); accumulators
+// and partial sums are added in a fixed order (sample groups, tiles). Panel and dual Gram
+// products: row blocks I and nb-1-I of the triangle make one task, of equal work; their applies:
+// (feature block x sample block) products, whole rows in the "rows" layout. The d x d and n x n
+// passes: fixed 64 x 64 tiles, in parallel from 256 on.
+// Temporaries (the panel, up to kPanelMaxBytes; a d x d or n x n matrix) are per-thread scratch
+// reused across calls.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_strided.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm_cpu_dispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -58,30 +84,39 @@ namespace vcreg {
 namespace {
 
 // Tuning constants. None depends on the thread count (see the work split above).
-constexpr int64_t kShiftSamples = 64;              // samples averaged for the shift K
+constexpr int64_t kShiftRuns = 4;                  // the shift K: runs of consecutive samples spread over X
+constexpr int64_t kShiftRunLength = 16;            //   ... each this long
 constexpr int64_t kSumBlock = 256;                 // values per float32 partial column sum
-constexpr int64_t kSuperPanelBytes = 8 << 20;      // shared: shifted X gathered per round; fits L3
+constexpr int64_t kPanelMaxBytes = 32 << 20;       // panel, dual: the largest shifted copy of X kept whole
+constexpr int64_t kMinPanelWidth = 128;            // panel: narrower Q leaves too thin row blocks
+constexpr int64_t kBlock = 256;                    // panel, dual: Gram row-block width
+constexpr int64_t kMinBlocks = 4;                  // panel, dual: row blocks, paired into >= 2 equal tasks
+constexpr int64_t kGatherFeatures = 32;            // panel, dual: features per gather task
+constexpr int64_t kSuperPanelBytes = 8 << 20;      // streamed: shifted X gathered per round; fits L3
 constexpr int64_t kGroups = 16;                    // grouped: parallel tasks, each a range of samples
 constexpr int64_t kGroupPanelBytes = 512 << 10;    // grouped: gathered panel per task; fits L2
 constexpr int64_t kGroupAccBytes = 8 << 20;        // grouped: all float64 accumulators together
-constexpr int64_t kGatherChunk = 1024;             // samples per gather task (bdl: 4 KiB runs per row)
-constexpr int64_t kTile = 96;                      // Gram tile width: one BLAS call per tile
-constexpr int64_t kMinSplitWidth = 96;             // from here on even two tiles beat one square product
-constexpr int64_t kMinGramItems = 16;              // shared: tiles x sample groups per super-panel
+constexpr int64_t kGatherChunk = 1024;             // streamed: samples per gather task
+constexpr int64_t kTile = 96;                      // grouped, streamed: Gram row-block / tile width
+constexpr int64_t kMinSplitWidth = 96;             // from here on even two blocks beat one square product
+constexpr int64_t kMinGramItems = 16;              // streamed: tiles x sample groups per super-panel
 constexpr int64_t kMinGroupSamples = 128;          // the shortest product worth one BLAS call
-constexpr int64_t kApplyPanelBytes = 256 << 10;    // apply: gathered panel for small d; stays in L2
-constexpr int64_t kApplyPanelSamples = 512;        // apply: panel length for large d
-constexpr int64_t kApplyPanelMaxBytes = 4 << 20;   // apply: panel cap for very large d
-constexpr int64_t kMinApplyPanelSamples = 256;     // apply: shortest panel worth rounding the count for
-constexpr int64_t kApplyPanelMultiple = 8;         // apply: panel count splits evenly over 1, 2, 4, 8 threads
-constexpr int64_t kRowGrain = 256;                 // d x d passes: rows per task (smaller d runs inline)
+constexpr int64_t kApplyPanelBytes = 256 << 10;    // apply: product block; stays in L2
+constexpr int64_t kApplyPanelSamples = 512;        // apply (gathered): panel length for large d
+constexpr int64_t kApplyPanelMaxBytes = 4 << 20;   // apply (gathered): panel cap for very large d
+constexpr int64_t kMinApplyPanelSamples = 256;     // apply (gathered): shortest panel worth rounding the count for
+constexpr int64_t kApplyPanelMultiple = 8;         // apply (gathered): panel count splits evenly over 1, 2, 4, 8 threads
+constexpr int64_t kMinApplyTasks = 4;              // apply (panel, dual): fewest products
+constexpr int64_t kMinApplySamples = 128;          // apply (panel, dual): shortest sample block
+constexpr int64_t kPassTile = 64;                  // d x d and n x n passes: tile width
+constexpr int64_t kRowGrain = 256;                 // d x d and n x n passes: from this size on in parallel
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Scratch memory kept per calling thread and reused by later calls. The temporaries are a few MiB;
 // allocated afresh on each call they fragment the heap so that grad_x often lands on fresh pages,
 // which the kernel then faults in and zeroes (~1 ms for a 10 MB gradient, as much as a product).
-enum class Scratch { kGramAcc, kGramPanel, kGramProd, kM2, kG, kApply, kCount };
+enum class Scratch { kGramAcc, kGramPanel, kGramProd, kG, kApply, kCount };
 
 void* scratch_bytes(Scratch slot, int64_t bytes) {
   thread_local at::Tensor buffers[static_cast<int>(Scratch::kCount)];
@@ -124,6 +159,19 @@ class SingleThreadBlas {
   int previous_;  // 0: the thread had no local setting (MKL then follows the global one)
 };
 
+// Runs f(task) for every task in [0, ntasks) on at::parallel_for's threads, each thread claiming
+// the next task as it frees up, with its BLAS on one thread. Claiming rather than a fixed share: a
+// thread that the OS preempts for another process holds up one task, not a share of them. No
+// task's result depends on the thread that runs it or on the order.
+template <typename F>
+void parallel_tasks(int64_t ntasks, const F& f) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(ntasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    const SingleThreadBlas single_thread_blas;
+    for (int64_t q = next.fetch_add(1); q < ntasks; q = next.fetch_add(1)) f(q);
+  });
+}
+
 // In "bdl" a panel's samples are short runs, one per feature row, L elements apart; the hardware
 // prefetcher starts afresh on each, so the loops request the next row's lines while on this one.
 // (A prefetch never faults, also past the end of the tensor.)
@@ -141,6 +189,27 @@ inline void prefetch(const T* p, bool write) {
 #endif
 }
 
+// C (m x k2, row-major, leading dimension ldc) = op(A) op(B) on row-major operands: op(A) is
+// m x k (A stored k x m when ta), op(B) is k x k2 (B stored k2 x k when tb).
+template <typename T>
+void gemm(bool ta, const T* A, int64_t lda, bool tb, const T* B, int64_t ldb, T* C, int64_t ldc, int64_t m,
+          int64_t k2, int64_t k) {
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  T* a = const_cast<T*>(A);
+  T* b = const_cast<T*>(B);
+  const at::Tensor ta_ = ta ? at::from_blob(a, {k, m}, {lda, 1}, opts).t() : at::from_blob(a, {m, k}, {lda, 1}, opts);
+  const at::Tensor tb_ = tb ? at::from_blob(b, {k2, k}, {ldb, 1}, opts).t() : at::from_blob(b, {k, k2}, {ldb, 1}, opts);
+  at::Tensor c = at::from_blob(C, {m, k2}, {ldc, 1}, opts);
+  at::cpu::mm_out(c, ta_, tb_);
+}
+
+// Requests the cache lines of a row segment [p, p + len) ahead of its use: the d x d and n x n
+// passes step through 64-wide tiles a row at a time, too short a run for the hardware prefetcher.
+template <typename T>
+inline void prefetch_row(const T* p, int64_t len, bool write) {
+  for (int64_t i = 0; i < len; i += 64 / static_cast<int64_t>(sizeof(T))) prefetch(p + i, write);
+}
+
 // Calls f(b, l, r, len) for each maximal run of samples s0 + r .. s0 + r + len - 1 that lie in
 // one slab b, starting at position l.
 template <typename F>
@@ -153,28 +222,117 @@ void for_each_run(const Shape& sh, int64_t s0, int64_t count, const F& f) {
   }
 }
 
-// P = X[s0 : s0+count] - 1 K^T in the accumulate dtype: a row-major count x d matrix ("rows") or
-// its transpose, d x count with leading dimension ldp ("bdl"). kSums adds P's column sums to sums
-// (float64), summing at most kSumBlock values per partial sum in acc_t: cheap, and bounded error
-// even where K is a poor estimate of mu.
-template <bool kSums, typename scalar_t, typename acc_t>
-void gather_shifted(const scalar_t* x, const Shape& sh, int64_t s0, int64_t count, const acc_t* K,
-                    acc_t* P, int64_t ldp, double* sums) {
-  const int64_t d = sh.d;
-  if (sh.rows()) {
-    std::vector<acc_t> part(kSums ? d : 0, acc_t(0));
-    for (int64_t r = 0; r < count; ++r) {
-      const scalar_t* src = x + (s0 + r) * d;
-      acc_t* dst = P + r * ldp;
-      for (int64_t j = 0; j < d; ++j) {
-        const acc_t v = static_cast<acc_t>(src[j]) - K[j];
-        dst[j] = v;
-        if constexpr (kSums) part[j] += v;
+// The shift K: the mean of kShiftRuns runs of kShiftRunLength consecutive samples spread from the
+// first sample to the last (all samples where there are fewer), as the first rows may belong to
+// one image or token; runs rather than single samples, so that in "bdl" a feature's values share
+// cache lines.
+template <typename scalar_t, typename acc_t>
+std::vector<acc_t> shift_of(const scalar_t* x, const Shape& sh) {
+  const int64_t d = sh.d, len = std::min(sh.n, kShiftRunLength);
+  const int64_t runs = sh.n <= kShiftRuns * kShiftRunLength ? 1 : kShiftRuns;
+  const int64_t run_len = runs == 1 ? sh.n : len;
+  std::vector<double> sum(d, 0.0);
+  for (int64_t q = 0; q < runs; ++q) {
+    const int64_t s0 = runs == 1 ? 0 : q * (sh.n - run_len) / (runs - 1);
+    for_each_run(sh, s0, run_len, [&](int64_t b, int64_t l, int64_t, int64_t cnt) {
+      if (sh.rows()) {
+        for (int64_t i = 0; i < cnt; ++i) {
+          const scalar_t* src = x + (b + l + i) * d;
+          for (int64_t j = 0; j < d; ++j) sum[j] += static_cast<double>(src[j]);
+        }
+        return;
       }
+      for (int64_t j = 0; j < d; ++j) {
+        const scalar_t* src = x + (b * d + j) * sh.L + l;
+        double v = 0.0;
+        for (int64_t i = 0; i < cnt; ++i) v += static_cast<double>(src[i]);
+        sum[j] += v;
+      }
+    });
+  }
+  std::vector<acc_t> K(d);
+  const double count = static_cast<double>(runs * run_len);
+  for (int64_t j = 0; j < d; ++j) K[j] = static_cast<acc_t>(sum[j] / count);
+  return K;
+}
+
+// The elementwise loops, on restrict pointers so that they vectorize. Sums keep kLanes
+// independent partial sums (one running sum would wait on each add's latency), lane u taking the
+// elements at u mod kLanes: the same order whatever the vector width.
+constexpr int kLanes = 8;
+
+template <typename acc_t>
+acc_t sum_lanes(const acc_t* lane) {
+  return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+}
+
+// dst = src - k over len values; kSums adds them to lane.
+template <bool kSums, typename scalar_t, typename acc_t>
+inline void shift_run(const scalar_t* __restrict src, acc_t k, acc_t* __restrict dst, int64_t len,
+                      acc_t* __restrict lane) {
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes) {
+    for (int u = 0; u < kLanes; ++u) {
+      const acc_t v = static_cast<acc_t>(src[i + u]) - k;
+      dst[i + u] = v;
+      if constexpr (kSums) lane[u] += v;
+    }
+  }
+  for (int u = 0; i < len; ++i, ++u) {
+    const acc_t v = static_cast<acc_t>(src[i]) - k;
+    dst[i] = v;
+    if constexpr (kSums) lane[u] += v;
+  }
+}
+
+// dst = src - K over a row of w features; kSums adds them to part (w).
+template <bool kSums, typename scalar_t, typename acc_t>
+inline void shift_row(const scalar_t* __restrict src, const acc_t* __restrict K, acc_t* __restrict dst, int64_t w,
+                      acc_t* __restrict part) {
+  for (int64_t j = 0; j < w; ++j) {
+    const acc_t v = static_cast<acc_t>(src[j]) - K[j];
+    dst[j] = v;
+    if constexpr (kSums) part[j] += v;
+  }
+}
+
+// out = gy + (t + p h) (kDiag) or gy + (t - c) over len values.
+template <bool kDiag, typename acc_t, typename grad_t>
+inline void add_run(const grad_t* __restrict gy, const acc_t* __restrict t, const acc_t* __restrict p, acc_t c,
+                    grad_t* __restrict out, int64_t len) {
+  for (int64_t i = 0; i < len; ++i) {
+    const acc_t extra = kDiag ? p[i] * c : -c;
+    out[i] = static_cast<grad_t>(static_cast<acc_t>(gy[i]) + (t[i] + extra));
+  }
+}
+
+// The same over a row of features, c and h per feature.
+template <bool kDiag, typename acc_t, typename grad_t>
+inline void add_row(const grad_t* __restrict gy, const acc_t* __restrict t, const acc_t* __restrict p,
+                    const acc_t* __restrict c, grad_t* __restrict out, int64_t w) {
+  for (int64_t j = 0; j < w; ++j) {
+    const acc_t extra = kDiag ? p[j] * c[j] : -c[j];
+    out[j] = static_cast<grad_t>(static_cast<acc_t>(gy[j]) + (t[j] + extra));
+  }
+}
+
+// Features j0 <= j < j1 of samples s0 .. s0+count-1 of P = X - 1 K^T, in the accumulate dtype,
+// written to P (sample r, feature j) at P[r * ldp + j] ("rows") or P[j * ldp + r] ("bdl": samples
+// along a feature row). kSums adds P's column sums to sums[j] (float64), summing at most
+// kSumBlock values per partial sum in acc_t: cheap, and bounded error even where K is a poor
+// estimate of mu.
+template <bool kSums, typename scalar_t, typename acc_t>
+void gather_shifted(const scalar_t* x, const Shape& sh, int64_t s0, int64_t count, int64_t j0, int64_t j1,
+                    const acc_t* K, acc_t* P, int64_t ldp, double* sums) {
+  const int64_t d = sh.d, w = j1 - j0;
+  if (sh.rows()) {
+    std::vector<acc_t> part(kSums ? w : 0, acc_t(0));
+    for (int64_t r = 0; r < count; ++r) {
+      shift_row<kSums>(x + (s0 + r) * d + j0, K + j0, P + r * ldp + j0, w, part.data());
       if constexpr (kSums) {
         if ((r + 1) % kSumBlock == 0 || r + 1 == count) {
-          for (int64_t j = 0; j < d; ++j) {
-            sums[j] += part[j];
+          for (int64_t j = 0; j < w; ++j) {
+            sums[j0 + j] += part[j];
             part[j] = 0;
           }
         }
@@ -183,104 +341,187 @@ void gather_shifted(const scalar_t* x, const Shape& sh, int64_t s0, int64_t coun
     return;
   }
   for_each_run(sh, s0, count, [&](int64_t b, int64_t l, int64_t r, int64_t len) {
-    for (int64_t j = 0; j < d; ++j) {
+    for (int64_t j = j0; j < j1; ++j) {
       const scalar_t* src = x + (b * d + j) * sh.L + l;
-      acc_t* dst = P + j * ldp + r;
-      const acc_t k = K[j];
-      for (int64_t i0 = 0; i0 < len; i0 += 8 * kSumBlock) {
-        const int64_t i1 = std::min(len, i0 + 8 * kSumBlock);
-        // Eight independent partial sums: one running sum would wait on each add's latency.
-        acc_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        int64_t i = i0;
-        for (; i + 8 <= i1; i += 8) {
-          prefetch(src + sh.L + i, /*write=*/false);
-          for (int u = 0; u < 8; ++u) {
-            const acc_t v = static_cast<acc_t>(src[i + u]) - k;
-            dst[i + u] = v;
-            if constexpr (kSums) part[u] += v;
-          }
-        }
-        for (; i < i1; ++i) {
-          const acc_t v = static_cast<acc_t>(src[i]) - k;
-          dst[i] = v;
-          if constexpr (kSums) part[0] += v;
-        }
-        if constexpr (kSums) {
-          sums[j] += static_cast<double>(((part[0] + part[1]) + (part[2] + part[3])) +
-                                         ((part[4] + part[5]) + (part[6] + part[7])));
-        }
+      prefetch(src + sh.L, /*write=*/false);
+      prefetch(src + sh.L + 16, /*write=*/false);
+      for (int64_t i0 = 0; i0 < len; i0 += kLanes * kSumBlock) {
+        acc_t lane[kLanes] = {};
+        shift_run<kSums>(src + i0, K[j], P + j * ldp + r + i0, std::min(len - i0, kLanes * kSumBlock), lane);
+        if constexpr (kSums) sums[j] += static_cast<double>(sum_lanes(lane));
       }
     }
   });
 }
 
-// out[s0 : s0+count] = gy + (T - 1 c^T), T laid out as gather_shifted's P (leading dimension ldt).
-template <typename acc_t, typename grad_t>
-void add_grad(const acc_t* T, int64_t ldt, const acc_t* c, const grad_t* gy, grad_t* out, const Shape& sh,
-              int64_t s0, int64_t count) {
-  const int64_t d = sh.d;
+// P -= 1 m^T for features j0 <= j < j1 of all n samples, P laid out as gather_shifted's; kSquares
+// adds the centred columns' sums of squares to sq[j] (float64, kSumBlock values per partial sum).
+template <bool kSquares, typename acc_t>
+inline void centre_run(acc_t* __restrict p, acc_t m, int64_t len, acc_t* __restrict lane) {
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes) {
+    for (int u = 0; u < kLanes; ++u) {
+      const acc_t v = p[i + u] - m;
+      p[i + u] = v;
+      if constexpr (kSquares) lane[u] += v * v;
+    }
+  }
+  for (int u = 0; i < len; ++i, ++u) {
+    const acc_t v = p[i] - m;
+    p[i] = v;
+    if constexpr (kSquares) lane[u] += v * v;
+  }
+}
+
+template <bool kSquares, typename acc_t>
+inline void centre_row(acc_t* __restrict p, const acc_t* __restrict m, int64_t w, acc_t* __restrict part) {
+  for (int64_t j = 0; j < w; ++j) {
+    const acc_t v = p[j] - m[j];
+    p[j] = v;
+    if constexpr (kSquares) part[j] += v * v;
+  }
+}
+
+template <bool kSquares, typename acc_t>
+void centre_columns(const Shape& sh, acc_t* P, int64_t ldp, int64_t j0, int64_t j1, const acc_t* m, double* sq) {
+  const int64_t w = j1 - j0;
   if (sh.rows()) {
-    for (int64_t r = 0; r < count; ++r) {
-      const int64_t o = (s0 + r) * d;
-      const acc_t* t = T + r * ldt;
-      for (int64_t j = 0; j < d; ++j) {
-        out[o + j] = static_cast<grad_t>(static_cast<acc_t>(gy[o + j]) + (t[j] - c[j]));
+    std::vector<acc_t> part(kSquares ? w : 0, acc_t(0));
+    for (int64_t r = 0; r < sh.n; ++r) {
+      centre_row<kSquares>(P + r * ldp + j0, m + j0, w, part.data());
+      if constexpr (kSquares) {
+        if ((r + 1) % kSumBlock == 0 || r + 1 == sh.n) {
+          for (int64_t j = 0; j < w; ++j) {
+            sq[j0 + j] += part[j];
+            part[j] = 0;
+          }
+        }
       }
     }
     return;
   }
-  for_each_run(sh, s0, count, [&](int64_t b, int64_t l, int64_t r, int64_t len) {
-    for (int64_t j = 0; j < d; ++j) {
-      const int64_t o = (b * d + j) * sh.L + l;
-      const acc_t* t = T + j * ldt + r;
-      const acc_t cj = c[j];
-      int64_t i = 0;
-      for (; i + 8 <= len; i += 8) {
-        prefetch(gy + o + sh.L + i, /*write=*/false);
-        prefetch(out + o + sh.L + i, /*write=*/true);
-        for (int u = 0; u < 8; ++u) {
-          out[o + i + u] = static_cast<grad_t>(static_cast<acc_t>(gy[o + i + u]) + (t[i + u] - cj));
-        }
-      }
-      for (; i < len; ++i) {
-        out[o + i] = static_cast<grad_t>(static_cast<acc_t>(gy[o + i]) + (t[i] - cj));
+  for (int64_t j = j0; j < j1; ++j) {
+    for (int64_t i0 = 0; i0 < sh.n; i0 += kLanes * kSumBlock) {
+      acc_t lane[kLanes] = {};
+      centre_run<kSquares>(P + j * ldp + i0, m[j], std::min(sh.n - i0, kLanes * kSumBlock), lane);
+      if constexpr (kSquares) sq[j] += static_cast<double>(sum_lanes(lane));
+    }
+  }
+}
+
+// The panel and dual plans' operand: every sample of X - 1 (K + m)^T in the accumulate dtype, in
+// this thread's scratch, with m = S / n rounded to acc_t. Centring while a feature block's
+// columns are in cache costs n d; correcting Q or the apply by S afterwards would cost d^2 each.
+template <typename acc_t>
+struct Panel {
+  const acc_t* P = nullptr;
+  int64_t ld = 0;         // P[r * ld + j] ("rows") or P[j * ld + r] ("bdl")
+  std::vector<acc_t> K;   // the shift
+  std::vector<double> S;  // column sums of X - 1 K^T
+  std::vector<double> sq; // dual: column sums of squares of P (the diagonal of M2)
+};
+
+template <typename scalar_t>
+Panel<at::opmath_type<scalar_t>> gather_panel(const scalar_t* x, const Shape& sh, bool squares) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t d = sh.d, n = sh.n;
+  Panel<acc_t> p;
+  p.K = shift_of<scalar_t, acc_t>(x, sh);
+  p.S.assign(d, 0.0);
+  if (squares) p.sq.assign(d, 0.0);
+  p.ld = sh.rows() ? d : n;
+  acc_t* P = scratch<acc_t>(Scratch::kGramPanel, n * d);
+  std::vector<acc_t> m(d);
+  // Feature blocks: each feature's sums come from one task, whatever the thread count.
+  parallel_tasks(ceil_div(d, kGatherFeatures), [&](int64_t f) {
+    const int64_t j0 = f * kGatherFeatures, j1 = std::min(d, j0 + kGatherFeatures);
+    gather_shifted<true>(x, sh, 0, n, j0, j1, p.K.data(), P, p.ld, p.S.data());
+    for (int64_t j = j0; j < j1; ++j) m[j] = static_cast<acc_t>(p.S[j] / static_cast<double>(n));
+    if (squares) {
+      centre_columns<true>(sh, P, p.ld, j0, j1, m.data(), p.sq.data());
+    } else {
+      centre_columns<false>(sh, P, p.ld, j0, j1, m.data(), nullptr);
+    }
+  });
+  p.P = P;
+  return p;
+}
+
+// Block boundaries along a dimension of size dim: nb blocks of about equal width, interior
+// boundaries at multiples of 16 elements (cache-line aligned columns), none empty.
+std::vector<int64_t> block_edges(int64_t dim, int64_t nb) {
+  std::vector<int64_t> edges{0};
+  for (int64_t i = 1; i <= nb; ++i) {
+    const int64_t e = i == nb ? dim : std::min(dim, ceil_div(i * dim / nb, 16) * 16);
+    if (e > edges.back()) edges.push_back(e);
+  }
+  return edges;
+}
+
+// The upper triangle of Z^T Z (dim x dim, into out with leading dimension ldo) for Z (k x dim)
+// stored as P: k x dim (leading dimension ld) or, with dim_major, its transpose dim x k. Row block
+// I (columns from its own first on) is one product over all k; blocks I and nb-1-I make one
+// parallel task, of equal work.
+template <typename acc_t>
+void gram_upper(const acc_t* P, int64_t ld, bool dim_major, int64_t dim, int64_t k, acc_t* out, int64_t ldo) {
+  const int64_t nb0 = std::max(kMinBlocks, ceil_div(dim, kBlock));
+  const std::vector<int64_t> edges = block_edges(dim, nb0 + nb0 % 2);
+  const int64_t nb = static_cast<int64_t>(edges.size()) - 1;
+  parallel_tasks(ceil_div(nb, 2), [&](int64_t t) {
+    const int64_t pair[2] = {t, nb - 1 - t};
+    for (int u = 0; u < (pair[0] == pair[1] ? 1 : 2); ++u) {  // an odd count's middle block alone
+      const int64_t i0 = edges[pair[u]], w = edges[pair[u] + 1] - i0, cols = dim - i0;
+      if (dim_major) {
+        gemm(false, P + i0 * ld, ld, true, P + i0 * ld, ld, out + i0 * ldo + i0, ldo, w, cols, k);
+      } else {
+        gemm(true, P + i0, ld, false, P + i0, ld, out + i0 * ldo + i0, ldo, w, cols, k);
       }
     }
   });
 }
 
-// How the Gram matrix S is cut into BLAS calls: tiles of its upper triangle (diagonal tiles
-// whole), each computed for one group of samples at a time into that group's float64 accumulator.
-//   grouped (n large against d): kGroups fixed ranges of samples, one parallel task each; a task
-//     gathers its samples panel by panel into its own buffer (in L2) and runs every tile on it;
-//   shared (otherwise): X in super-panels gathered in parallel into one buffer, whose
-//     (sample group x tile) products are the parallel tasks.
-struct GramPlan {
-  std::vector<int64_t> edges;                      // tile boundaries along the d features
-  std::vector<std::pair<int64_t, int64_t>> tiles;  // (I, J), I <= J
+// How Q = (X - 1 K^T)^T (X - 1 K^T) is cut into BLAS calls (the top comment says why):
+//   panel:    the centred panel (gather_panel), Q = M2 by gram_upper straight into acc_t;
+//   grouped:  kGroups fixed ranges of samples, one parallel task each, gathering its samples panel
+//             by panel into its own buffer (in L2) and adding each row block of the upper triangle
+//             over it into that group's float64 accumulator;
+//   streamed: X in super-panels gathered in parallel into one buffer, whose (sample group x tile)
+//             products are the parallel tasks, each into its group's float64 accumulator.
+enum class GramKind { kPanel, kGrouped, kStreamed };
+
+GramKind gram_kind(int64_t n, int64_t d, int64_t elem_bytes) {
+  // The panel gathers X once for both halves; below kMinPanelWidth its row blocks get too thin
+  // and grouped's L2-sized panels win where n is large. Grouped needs products long against d
+  // (accumulators cost d^2 per group) and d^2 accumulators that stay small.
+  const bool fits = n * d * elem_bytes <= kPanelMaxBytes;
+  if (fits && d >= kMinPanelWidth) return GramKind::kPanel;
+  if (n / kGroups >= std::max(4 * kMinGroupSamples, 2 * d) && kGroups * d * d * 8 <= kGroupAccBytes) {
+    return GramKind::kGrouped;
+  }
+  return fits ? GramKind::kPanel : GramKind::kStreamed;
+}
+
+// grouped, streamed: blocks of about kTile along d, sample groups, panel length; streamed also
+// cuts the upper triangle into tiles (diagonal tiles whole), grouped into row blocks.
+struct TilePlan {
+  std::vector<int64_t> edges;
+  std::vector<std::pair<int64_t, int64_t>> tiles;  // streamed: (I, J), I <= J
   int64_t max_width = 0;
-  bool grouped = false;
-  int64_t groups = 0;  // sample groups, each with its own accumulator
-  int64_t panel = 0;   // samples gathered at once: per task (grouped) or per super-panel (shared)
+  int64_t groups = 1;  // sample groups, each with its own accumulator
+  int64_t panel = 0;   // samples gathered at once: per task (grouped) or per super-panel (streamed)
 };
 
-GramPlan plan_gram(int64_t n, int64_t d, int64_t elem_bytes) {
-  GramPlan p;
+TilePlan plan_tiles(GramKind kind, int64_t n, int64_t d, int64_t elem_bytes) {
+  TilePlan p;
   // Skipping the lower triangle pays from d = 96 on: 3 tiles of 48 cost 0.87 of one 96 x 96 product.
-  const int64_t nt = std::max(ceil_div(d, kTile), d >= kMinSplitWidth ? int64_t{2} : int64_t{1});
-  for (int64_t i = 0; i <= nt; ++i) {
-    // Multiples of 16 elements keep every tile's first column cache-line aligned.
-    p.edges.push_back(std::min(d, ceil_div(i * d / nt, 16) * 16));
-  }
+  p.edges = block_edges(d, std::max(ceil_div(d, kTile), d >= kMinSplitWidth ? int64_t{2} : int64_t{1}));
+  const int64_t nt = static_cast<int64_t>(p.edges.size()) - 1;
   for (int64_t I = 0; I < nt; ++I) {
     p.max_width = std::max(p.max_width, p.edges[I + 1] - p.edges[I]);
     for (int64_t J = I; J < nt; ++J) p.tiles.emplace_back(I, J);
   }
   const int64_t ntiles = static_cast<int64_t>(p.tiles.size());
-  // Grouped needs products long against d (accumulators cost d^2 per group) and d^2 accumulators
-  // that stay small.
-  p.grouped = n / kGroups >= std::max(4 * kMinGroupSamples, 2 * d) && kGroups * d * d * 8 <= kGroupAccBytes;
-  if (p.grouped) {
+  if (kind == GramKind::kGrouped) {
     p.groups = kGroups;
     const int64_t per_group = ceil_div(n, kGroups);
     const int64_t target = std::max(kMinGroupSamples, kGroupPanelBytes / (d * elem_bytes));
@@ -299,18 +540,13 @@ GramPlan plan_gram(int64_t n, int64_t d, int64_t elem_bytes) {
 // P holds samples as rows ("rows": k x d) or as columns ("bdl": d x k), with leading dimension ld.
 // The product lands in prod (wi x wj, acc_t), then goes into acc (d x d, float64).
 template <typename acc_t>
-void gram_tile(bool rows, acc_t* P, int64_t ld, int64_t k0, int64_t k, int64_t i0, int64_t wi, int64_t j0,
-               int64_t wj, int64_t d, acc_t* prod, double* acc, bool first, const at::TensorOptions& opts) {
-  at::Tensor a, b;  // (wi x k) and (k x wj)
+void gram_tile(bool rows, const acc_t* P, int64_t ld, int64_t k0, int64_t k, int64_t i0, int64_t wi, int64_t j0,
+               int64_t wj, int64_t d, acc_t* prod, double* acc, bool first) {
   if (rows) {
-    a = at::from_blob(P + k0 * ld + i0, {k, wi}, {ld, 1}, opts).t();
-    b = at::from_blob(P + k0 * ld + j0, {k, wj}, {ld, 1}, opts);
+    gemm(true, P + k0 * ld + i0, ld, false, P + k0 * ld + j0, ld, prod, wj, wi, wj, k);
   } else {
-    a = at::from_blob(P + i0 * ld + k0, {wi, k}, {ld, 1}, opts);
-    b = at::from_blob(P + j0 * ld + k0, {wj, k}, {ld, 1}, opts).t();
+    gemm(false, P + i0 * ld + k0, ld, true, P + j0 * ld + k0, ld, prod, wj, wi, wj, k);
   }
-  at::Tensor out = at::from_blob(prod, {wi, wj}, {wj, 1}, opts);
-  at::cpu::mm_out(out, a, b);
   double* dst = acc + i0 * d + j0;
   for (int64_t i = 0; i < wi; ++i) {
     if (first) {
@@ -321,60 +557,115 @@ void gram_tile(bool rows, acc_t* P, int64_t ld, int64_t k0, int64_t k, int64_t i
   }
 }
 
-// (mu, M2) of x3 (contiguous) in float64: the column means of X and Xc^T Xc, full and symmetric.
-// M2 lives in this thread's scratch: valid until the next call, to be copied if it must outlive it.
+int64_t num_upper_tiles(int64_t dim) {
+  const int64_t nb = ceil_div(dim, kPassTile);
+  return nb * (nb + 1) / 2;
+}
+
+// Calls f(t, i0, i1, j0, j1) for each tile t of the upper triangle of a dim x dim matrix (diagonal
+// tiles whole), in parallel from dim = kRowGrain on; the tiles are fixed by dim.
+template <typename F>
+void for_upper_tiles(int64_t dim, const F& f) {
+  const int64_t nb = ceil_div(dim, kPassTile);
+  std::vector<std::pair<int64_t, int64_t>> tiles;  // (I, J): tile t in the row-major order of the triangle
+  for (int64_t I = 0; I < nb; ++I) {
+    for (int64_t J = I; J < nb; ++J) tiles.emplace_back(I, J);
+  }
+  const auto run = [&](int64_t t) {
+    const auto [I, J] = tiles[t];
+    f(t, I * kPassTile, std::min(dim, (I + 1) * kPassTile), J * kPassTile, std::min(dim, (J + 1) * kPassTile));
+  };
+  const int64_t ntiles = static_cast<int64_t>(tiles.size());
+  if (dim < kRowGrain) {
+    for (int64_t t = 0; t < ntiles; ++t) run(t);
+  } else {
+    parallel_tasks(ntiles, run);
+  }
+}
+
+// Writes the strictly upper part of a tile both ways: buf (rows i0..i1, columns j0..j1, leading
+// dimension j1 - j0) holds element (i, j) for j > i; M[i, j] and M[j, i] get it. Row runs both
+// ways: a column-wise mirror would hit one cache set per element where ldm is a power of two.
+template <typename T>
+void write_mirrored(const T* buf, int64_t i0, int64_t i1, int64_t j0, int64_t j1, int64_t ldm, T* M) {
+  const int64_t wj = j1 - j0;
+  constexpr int64_t kAhead = 4;  // rows
+  for (int64_t i = i0; i < i1; ++i) {
+    if (i + kAhead < i1) prefetch_row(M + (i + kAhead) * ldm + j0, wj, /*write=*/true);
+    const int64_t jb = std::max(i + 1, j0);
+    std::copy(buf + (i - i0) * wj + (jb - j0), buf + (i - i0) * wj + wj, M + i * ldm + jb);
+  }
+  for (int64_t j = j0; j < j1; ++j) {
+    if (j + kAhead < j1) prefetch_row(M + (j + kAhead) * ldm + i0, i1 - i0, /*write=*/true);
+    const int64_t ie = std::min(i1, j);
+    for (int64_t i = i0; i < ie; ++i) M[j * ldm + i] = buf[(i - i0) * wj + (j - j0)];
+  }
+}
+
+// The Gram pass's result: M2_ij for i <= j is Q_ij (kCentred: Q formed from the centred panel) or
+// Q_ij - S_i S_j / n; Q (upper triangle valid, leading dimension d) in acc_t or float64.
+template <typename acc_t>
+struct Moments {
+  std::vector<acc_t> K;        // the shift
+  std::vector<double> S;       // column sums of X - 1 K^T
+  const acc_t* Qa = nullptr;   // panel (centred)
+  const double* Qd = nullptr;  // grouped, streamed
+  Panel<acc_t> panel;          // panel: its operand, which the apply reuses
+};
+
+// (K, S, Q) of x3 (contiguous); Q and the panel live in this thread's scratch until its next call.
 template <typename scalar_t>
-std::pair<at::Tensor, at::Tensor> stats_impl(const at::Tensor& x3) {
+Moments<at::opmath_type<scalar_t>> gram_moments(const at::Tensor& x3) {
   using acc_t = at::opmath_type<scalar_t>;
   const Shape sh = shape_of(x3);
   const int64_t d = sh.d, n = sh.n;
   const scalar_t* x = x3.const_data_ptr<scalar_t>();
-  const auto acc_opts = x3.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  const auto f64 = x3.options().dtype(at::kDouble);
-
-  // The shift: samples spread over all of X, as the first rows may belong to one image or token.
-  std::vector<double> k_sum(d, 0.0);
-  const int64_t m = std::min(n, kShiftSamples);
-  for (int64_t k = 0; k < m; ++k) {
-    const int64_t s = k * n / m, b = s / sh.L, l = s % sh.L;
-    for (int64_t j = 0; j < d; ++j) k_sum[j] += static_cast<double>(x[(b * d + j) * sh.L + l]);
+  Moments<acc_t> m;
+  const GramKind kind = gram_kind(n, d, sizeof(acc_t));
+  if (kind == GramKind::kPanel) {
+    m.panel = gather_panel(x, sh, /*squares=*/false);
+    m.K = m.panel.K;
+    m.S = m.panel.S;
+    acc_t* Q = scratch<acc_t>(Scratch::kGramAcc, d * d);
+    gram_upper(m.panel.P, m.panel.ld, /*dim_major=*/!sh.rows(), d, n, Q, d);
+    m.Qa = Q;
+    return m;
   }
-  std::vector<acc_t> K(d);
-  for (int64_t j = 0; j < d; ++j) K[j] = static_cast<acc_t>(k_sum[j] / static_cast<double>(m));
 
-  const GramPlan plan = plan_gram(n, d, sizeof(acc_t));
+  m.K = shift_of<scalar_t, acc_t>(x, sh);
+  m.S.assign(d, 0.0);
+  const acc_t* K = m.K.data();
+  const TilePlan plan = plan_tiles(kind, n, d, sizeof(acc_t));
   const int64_t ntiles = static_cast<int64_t>(plan.tiles.size());
-  const int64_t groups = plan.groups, w2 = plan.max_width * plan.max_width;
+  const int64_t groups = plan.groups;
+  const int64_t w2 = plan.max_width * (kind == GramKind::kGrouped ? d : plan.max_width);
   const int64_t nthreads = at::get_num_threads();
-  // S per sample group; only its upper tiles are written and read.
+  // Q per sample group; only its upper tiles are written and read.
   double* acc = scratch<double>(Scratch::kGramAcc, groups * d * d);
   acc_t* prod_all = scratch<acc_t>(Scratch::kGramProd, nthreads * w2);
-  // Column sums s in slots summed in a fixed order: per group (grouped) or per gather chunk (shared).
-  const int64_t nchunks_max = plan.grouped ? groups : ceil_div(plan.panel, kGatherChunk);
+  // Column sums in slots summed in a fixed order: per group (grouped) or per gather chunk (streamed).
+  const int64_t nchunks_max = kind == GramKind::kGrouped ? groups : ceil_div(plan.panel, kGatherChunk);
   std::vector<double> part_sums(nchunks_max * d, 0.0);
-  std::vector<double> colsum(d, 0.0);
 
-  if (plan.grouped) {
+  if (kind == GramKind::kGrouped) {
     acc_t* panel_all = scratch<acc_t>(Scratch::kGramPanel, nthreads * plan.panel * d);
-    at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-      const SingleThreadBlas single_thread_blas;
+    parallel_tasks(groups, [&](int64_t g) {
       const int64_t tid = at::get_thread_num();
       acc_t* P = panel_all + tid * plan.panel * d;
       acc_t* prod = prod_all + tid * w2;
-      for (int64_t g = g0; g < g1; ++g) {
-        const int64_t begin = g * n / groups, end = (g + 1) * n / groups;
-        for (int64_t s0 = begin; s0 < end; s0 += plan.panel) {
-          const int64_t cnt = std::min(plan.panel, end - s0), ld = sh.rows() ? d : cnt;
-          gather_shifted<true>(x, sh, s0, cnt, K.data(), P, ld, part_sums.data() + g * d);
-          for (const auto& [I, J] : plan.tiles) {
-            gram_tile(sh.rows(), P, ld, 0, cnt, plan.edges[I], plan.edges[I + 1] - plan.edges[I], plan.edges[J],
-                      plan.edges[J + 1] - plan.edges[J], d, prod, acc + g * d * d, s0 == begin, acc_opts);
-          }
+      const int64_t begin = g * n / groups, end = (g + 1) * n / groups;
+      for (int64_t s0 = begin; s0 < end; s0 += plan.panel) {
+        const int64_t cnt = std::min(plan.panel, end - s0), ld = sh.rows() ? d : cnt;
+        gather_shifted<true>(x, sh, s0, cnt, 0, d, K, P, ld, part_sums.data() + g * d);
+        for (size_t I = 0; I + 1 < plan.edges.size(); ++I) {  // row blocks of the upper triangle
+          const int64_t i0 = plan.edges[I];
+          gram_tile(sh.rows(), P, ld, 0, cnt, i0, plan.edges[I + 1] - i0, i0, d - i0, d, prod, acc + g * d * d,
+                    s0 == begin);
         }
       }
     });
     for (int64_t g = 0; g < groups; ++g) {
-      for (int64_t j = 0; j < d; ++j) colsum[j] += part_sums[g * d + j];
+      for (int64_t j = 0; j < d; ++j) m.S[j] += part_sums[g * d + j];
     }
   } else {
     acc_t* P = scratch<acc_t>(Scratch::kGramPanel, plan.panel * d);
@@ -382,65 +673,175 @@ std::pair<at::Tensor, at::Tensor> stats_impl(const at::Tensor& x3) {
       const int64_t len = std::min(plan.panel, n - s0), ld = sh.rows() ? d : len;
       const int64_t nchunks = ceil_div(len, kGatherChunk), chunk = ceil_div(len, nchunks);
       std::fill(part_sums.begin(), part_sums.end(), 0.0);
-      at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-        for (int64_t c = c0; c < c1; ++c) {
-          const int64_t r0 = c * chunk, cnt = std::min(chunk, len - r0);
-          if (cnt <= 0) continue;
-          gather_shifted<true>(x, sh, s0 + r0, cnt, K.data(), sh.rows() ? P + r0 * d : P + r0, ld,
-                               part_sums.data() + c * d);
-        }
+      parallel_tasks(nchunks, [&](int64_t c) {
+        const int64_t r0 = c * chunk, cnt = std::min(chunk, len - r0);
+        if (cnt <= 0) return;
+        gather_shifted<true>(x, sh, s0 + r0, cnt, 0, d, K, sh.rows() ? P + r0 * d : P + r0, ld,
+                             part_sums.data() + c * d);
       });
       for (int64_t c = 0; c < nchunks; ++c) {
-        for (int64_t j = 0; j < d; ++j) colsum[j] += part_sums[c * d + j];
+        for (int64_t j = 0; j < d; ++j) m.S[j] += part_sums[c * d + j];
       }
-      at::parallel_for(0, groups * ntiles, 1, [&](int64_t q0, int64_t q1) {
-        const SingleThreadBlas single_thread_blas;
+      parallel_tasks(groups * ntiles, [&](int64_t q) {
         acc_t* prod = prod_all + at::get_thread_num() * w2;
-        for (int64_t q = q0; q < q1; ++q) {
-          const int64_t g = q / ntiles;
-          const auto [I, J] = plan.tiles[q % ntiles];
-          const int64_t k0 = g * len / groups, k = (g + 1) * len / groups - k0;
-          // The first super-panel has len >= groups (plan_gram), so every product there is non-empty.
-          TORCH_INTERNAL_ASSERT(k > 0 || s0 > 0);
-          if (k == 0) continue;
-          gram_tile(sh.rows(), P, ld, k0, k, plan.edges[I], plan.edges[I + 1] - plan.edges[I], plan.edges[J],
-                    plan.edges[J + 1] - plan.edges[J], d, prod, acc + g * d * d, s0 == 0, acc_opts);
-        }
+        const int64_t g = q / ntiles;
+        const auto [I, J] = plan.tiles[q % ntiles];
+        const int64_t k0 = g * len / groups, k = (g + 1) * len / groups - k0;
+        // The first super-panel has len >= groups (plan_tiles), so every product there is non-empty.
+        TORCH_INTERNAL_ASSERT(k > 0 || s0 > 0);
+        if (k == 0) return;
+        gram_tile(sh.rows(), P, ld, k0, k, plan.edges[I], plan.edges[I + 1] - plan.edges[I], plan.edges[J],
+                  plan.edges[J + 1] - plan.edges[J], d, prod, acc + g * d * d, s0 == 0);
       });
     }
   }
-
-  at::Tensor mu_t = at::empty({d}, f64);
-  double* mu = mu_t.mutable_data_ptr<double>();
-  double* M2 = scratch<double>(Scratch::kM2, d * d);
-  at::Tensor m2_t = at::from_blob(M2, {d, d}, f64);
-  const double nd = static_cast<double>(n);
-  for (int64_t j = 0; j < d; ++j) mu[j] = static_cast<double>(K[j]) + colsum[j] / nd;
-  // Tile by tile (d^2 work, in parallel for large d): the mirrored writes stay in a tile's rows.
-  at::parallel_for(0, ntiles, d < kRowGrain ? ntiles : 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const auto [I, J] = plan.tiles[t];
-      for (int64_t i = plan.edges[I]; i < plan.edges[I + 1]; ++i) {
-        for (int64_t j = std::max(i, plan.edges[J]); j < plan.edges[J + 1]; ++j) {
-          double S = 0.0;
-          for (int64_t g = 0; g < groups; ++g) S += acc[(g * d + i) * d + j];
-          M2[i * d + j] = M2[j * d + i] = S - colsum[i] * colsum[j] / nd;
+  // The groups' accumulators summed into the first, in group order.
+  if (groups > 1) {
+    for_upper_tiles(d, [&](int64_t, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        for (int64_t j = std::max(i, j0); j < j1; ++j) {
+          double q = acc[i * d + j];
+          for (int64_t g = 1; g < groups; ++g) q += acc[(g * d + i) * d + j];
+          acc[i * d + j] = q;
         }
       }
-    }
-  });
-  return {mu_t, m2_t};
+    });
+  }
+  m.Qd = acc;
+  return m;
 }
 
-// grad_x3 = gy3 + (X - 1 K^T) G - 1 c^T, panel by panel. G: (d x d) contiguous, K, c: (d) in the
-// accumulate dtype; out: contiguous like x3, in grad_t.
+// M2 full and symmetric, computed in float64 and stored in m_t (the accumulate dtype: the
+// returned M2 is then the only d x d allocation; see Moments).
+template <bool kCentred, typename q_t, typename m_t>
+void centred_gram(const q_t* Q, const double* S, int64_t d, int64_t n, m_t* M2) {
+  const double nd = static_cast<double>(n);
+  for (int64_t j = 0; j < d; ++j) {
+    M2[j * d + j] = static_cast<m_t>(static_cast<double>(Q[j * d + j]) - (kCentred ? 0.0 : S[j] * S[j] / nd));
+  }
+  for_upper_tiles(d, [&](int64_t, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+    m_t buf[kPassTile * kPassTile];
+    const int64_t wj = j1 - j0;
+    for (int64_t i = i0; i < i1; ++i) {
+      if (i + 4 < i1) prefetch_row(Q + (i + 4) * d + j0, j1 - j0, /*write=*/false);
+      for (int64_t j = std::max(i + 1, j0); j < j1; ++j) {
+        buf[(i - i0) * wj + (j - j0)] =
+            static_cast<m_t>(static_cast<double>(Q[i * d + j]) - (kCentred ? 0.0 : S[i] * S[j] / nd));
+      }
+    }
+    write_mirrored(buf, i0, i1, j0, j1, d, M2);
+  });
+}
+
+// The diagonal of G and l_var (SPEC section 2) from the diagonal of M2. A NaN variance gives a
+// NaN l_var and G_jj = 0 (hinge inactive), as in the reference.
+template <typename F, typename G_t>
+double fill_diagonal(int64_t d, int64_t n, double alpha, double eps, double gamma, const F& m2_diag, const G_t& set) {
+  const double inv_nm1 = 1.0 / static_cast<double>(n - 1), dd = static_cast<double>(d);
+  double l_var = 0.0;
+  for (int64_t j = 0; j < d; ++j) {
+    const double s = std::sqrt(m2_diag(j) * inv_nm1 + eps);
+    const double hinge = gamma - s;
+    l_var += hinge < 0 ? 0.0 : hinge;  // relu that keeps NaN
+    set(j, s < gamma ? -alpha * inv_nm1 / dd / s : 0.0);
+  }
+  return l_var / dd;
+}
+
+// G (d x d, in acc_t) of SPEC section 2 from C = M2 / (n-1), M2 formed on the fly in float64 from
+// Q's upper triangle (see Moments); returns (l_var, l_cov).
+template <bool kCentred, typename acc_t, typename q_t>
+std::pair<double, double> fill_gradient_matrix(const q_t* Q, const double* S, int64_t d, int64_t n, double alpha,
+                                               double beta, double eps, double gamma, std::optional<double> delta,
+                                               acc_t* G) {
+  const double nd = static_cast<double>(n), inv_nm1 = 1.0 / static_cast<double>(n - 1),
+               dd = static_cast<double>(d);
+  std::vector<double> Sn(d);
+  for (int64_t j = 0; j < d; ++j) Sn[j] = S[j] / nd;
+  const double l_var = fill_diagonal(
+      d, n, alpha, eps, gamma,
+      [&](int64_t j) { return static_cast<double>(Q[j * d + j]) - (kCentred ? 0.0 : S[j] * Sn[j]); },
+      [&](int64_t j, double g) { G[j * d + j] = static_cast<acc_t>(g); });
+  if (d == 1) return {l_var, 0.0};
+  const double scale = 4.0 * beta * inv_nm1 / (dd * (dd - 1.0));
+  const double dl = delta.value_or(0.0);
+  // Tiles in parallel, their phi sums added in tile order: the same l_cov for any thread count.
+  std::vector<double> tile_cov(num_upper_tiles(d), 0.0);
+  const auto pass = [&](auto clip) {
+    for_upper_tiles(d, [&](int64_t t, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+      acc_t buf[kPassTile * kPassTile];
+      const int64_t wj = j1 - j0;
+      double cov[kLanes] = {};
+      for (int64_t i = i0; i < i1; ++i) {
+        if (i + 4 < i1) prefetch_row(Q + (i + 4) * d + j0, j1 - j0, /*write=*/false);
+        const double si = S[i];
+        const q_t* q = Q + i * d;
+        acc_t* g_row = buf + (i - i0) * wj - j0;
+        const auto element = [&](int64_t j, int u) {
+          double m2 = static_cast<double>(q[j]);
+          if constexpr (!kCentred) m2 -= si * Sn[j];
+          const double c = m2 * inv_nm1;
+          if constexpr (decltype(clip)::value) {
+            const double a = std::abs(c);
+            cov[u] += a <= dl ? c * c : 2.0 * dl * a - dl * dl;
+            g_row[j] = static_cast<acc_t>(std::min(std::max(c, -dl), dl) * scale);  // min/max keep NaN
+          } else {
+            cov[u] += c * c;
+            g_row[j] = static_cast<acc_t>(c * scale);
+          }
+        };
+        int64_t j = std::max(i + 1, j0);
+        for (; j + kLanes <= j1; j += kLanes) {
+          for (int u = 0; u < kLanes; ++u) element(j + u, u);
+        }
+        for (int u = 0; j < j1; ++j, ++u) element(j, u);
+      }
+      tile_cov[t] = sum_lanes(cov);
+      write_mirrored(buf, i0, i1, j0, j1, d, G);
+    });
+  };
+  if (delta) {
+    pass(std::true_type{});
+  } else {
+    pass(std::false_type{});
+  }
+  double l_cov = 0.0;
+  for (const double v : tile_cov) l_cov += v;
+  return {l_var, 2.0 * l_cov / (dd * (dd - 1.0))};
+}
+
+// out = gy + (T - 1 c^T) (kDiag: gy + T + P diag(h)) for features j0 <= j < j1 of samples
+// s0 .. s0+count-1; T laid out as gather_shifted's P (T[r * ldt + j - j0] or T[(j - j0) * ldt + r]),
+// P is the panel (leading dimension ldp).
+template <bool kDiag, typename acc_t, typename grad_t>
+void add_grad(const acc_t* T, int64_t ldt, const acc_t* c, const acc_t* P, int64_t ldp, const grad_t* gy,
+              grad_t* out, const Shape& sh, int64_t s0, int64_t count, int64_t j0, int64_t j1) {
+  const int64_t d = sh.d;
+  if (sh.rows()) {
+    for (int64_t r = 0; r < count; ++r) {
+      const int64_t o = (s0 + r) * d + j0;
+      add_row<kDiag>(gy + o, T + r * ldt, kDiag ? P + (s0 + r) * ldp + j0 : nullptr, c + j0, out + o, j1 - j0);
+    }
+    return;
+  }
+  for_each_run(sh, s0, count, [&](int64_t b, int64_t l, int64_t r, int64_t len) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t o = (b * d + j) * sh.L + l;
+      prefetch(gy + o + sh.L, /*write=*/false);
+      prefetch(out + o + sh.L, /*write=*/true);
+      add_run<kDiag>(gy + o, T + (j - j0) * ldt + r, kDiag ? P + j * ldp + s0 + r : nullptr, c[j], out + o, len);
+    }
+  });
+}
+
+// grad_x3 = gy3 + (X - 1 K^T) G - 1 c^T, samples gathered panel by panel. G: (d x d) contiguous,
+// K, c: (d) in the accumulate dtype; out: contiguous like x3, in grad_t.
 template <typename scalar_t, typename grad_t>
-void apply_impl(const at::Tensor& gy3, const at::Tensor& x3, const at::Tensor& G, const at::Tensor& K,
-                const at::Tensor& c, at::Tensor& out) {
+void apply_gathered(const Shape& sh, const scalar_t* x, const at::opmath_type<scalar_t>* G,
+                    const at::opmath_type<scalar_t>* K, const at::opmath_type<scalar_t>* c, const grad_t* gy,
+                    grad_t* o) {
   using acc_t = at::opmath_type<scalar_t>;
-  const Shape sh = shape_of(x3);
   const int64_t d = sh.d, n = sh.n;
-  const auto acc_opts = x3.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   // Panels of about kApplyPanelBytes, at least kApplyPanelSamples long (each product packs G again:
   // about 1/R of its own cost) unless that passes kApplyPanelMaxBytes. Their count is rounded up to
   // a multiple of kApplyPanelMultiple for balance where panels stay kMinApplyPanelSamples long,
@@ -457,43 +858,91 @@ void apply_impl(const at::Tensor& gy3, const at::Tensor& x3, const at::Tensor& G
   }
   const int64_t R = ceil_div(n, panels);
   panels = ceil_div(n, R);
-
-  const scalar_t* x = x3.const_data_ptr<scalar_t>();
-  const grad_t* gy = gy3.const_data_ptr<grad_t>();
-  grad_t* o = out.mutable_data_ptr<grad_t>();
-  const acc_t* Kp = K.const_data_ptr<acc_t>();
-  const acc_t* cp = c.const_data_ptr<acc_t>();
-  const at::Tensor Gt = G.t();  // bdl panels are d x R: their product is G^T P
   acc_t* buf_all = scratch<acc_t>(Scratch::kApply, at::get_num_threads() * 2 * R * d);
 
-  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-    const SingleThreadBlas single_thread_blas;
+  parallel_tasks(panels, [&](int64_t p) {
     acc_t* P = buf_all + at::get_thread_num() * 2 * R * d;
     acc_t* T = P + R * d;
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t s0 = p * R, cnt = std::min(R, n - s0);
-      const int64_t ld = sh.rows() ? d : cnt;
-      gather_shifted<false>(x, sh, s0, cnt, Kp, P, ld, nullptr);
+    const int64_t s0 = p * R, cnt = std::min(R, n - s0);
+    const int64_t ld = sh.rows() ? d : cnt;
+    gather_shifted<false>(x, sh, s0, cnt, 0, d, K, P, ld, nullptr);
+    if (sh.rows()) {
+      gemm(false, P, ld, false, G, d, T, ld, cnt, d, d);
+    } else {
+      gemm(true, G, d, false, P, ld, T, ld, d, cnt, d);  // bdl panels are d x R: G^T P
+    }
+    add_grad<false>(T, ld, c, static_cast<const acc_t*>(nullptr), 0, gy, o, sh, s0, cnt, 0, d);
+  });
+}
+
+// The (feature block x sample block) products of the panel and dual plans' applies: blocks of
+// whole rows ("rows": the product's rows are grad_x's) or of up to kBlock features ("bdl"), and
+// of kMinApplySamples or more samples whose product stays within kApplyPanelBytes, at least
+// kMinApplyTasks of them; fixed by n, d and the layout.
+struct ApplyGrid {
+  int64_t nf, wf, ns, ls;
+};
+
+ApplyGrid apply_grid(int64_t n, int64_t d, int64_t elem_bytes, bool rows) {
+  ApplyGrid g;
+  g.nf = rows ? 1 : ceil_div(d, kBlock);
+  const int64_t blocks = std::max(kMinApplyTasks, ceil_div(n * d * elem_bytes, kApplyPanelBytes));
+  g.ns = std::clamp<int64_t>(ceil_div(blocks, g.nf), 1, std::max<int64_t>(1, n / kMinApplySamples));
+  if (g.nf * g.ns < kMinApplyTasks) g.nf = std::min(ceil_div(kMinApplyTasks, g.ns), std::max<int64_t>(1, d / 32));
+  g.wf = ceil_div(d, g.nf);
+  g.nf = ceil_div(d, g.wf);
+  g.ls = ceil_div(n, g.ns);
+  g.ns = ceil_div(n, g.ls);
+  return g;
+}
+
+// grad_x3 = gy3 + P G (panel plan: P centred) or gy3 + P A + P diag(h) (dual plan: A is n x n).
+template <bool kDual, typename acc_t, typename grad_t>
+void apply_panel(const Shape& sh, const Panel<acc_t>& panel, const acc_t* M, const acc_t* c, const grad_t* gy,
+                 grad_t* o) {
+  const int64_t d = sh.d, n = sh.n, ldp = panel.ld;
+  const acc_t* P = panel.P;
+  const ApplyGrid g = apply_grid(n, d, sizeof(acc_t), sh.rows());
+  acc_t* buf_all = scratch<acc_t>(Scratch::kApply, at::get_num_threads() * g.ls * g.wf);
+  parallel_tasks(g.nf * g.ns, [&](int64_t q) {
+    acc_t* T = buf_all + at::get_thread_num() * g.ls * g.wf;
+    {
+      const int64_t f = q / g.ns, s = q % g.ns;
+      const int64_t j0 = f * g.wf, j1 = std::min(d, j0 + g.wf), w = j1 - j0;
+      const int64_t s0 = s * g.ls, cnt = std::min(g.ls, n - s0);
+      const int64_t ldt = sh.rows() ? w : cnt;
       if (sh.rows()) {
-        at::Tensor t = at::from_blob(T, {cnt, d}, {d, 1}, acc_opts);
-        at::cpu::mm_out(t, at::from_blob(P, {cnt, d}, {d, 1}, acc_opts), G);
+        if constexpr (kDual) {
+          gemm(false, M + s0 * n, n, false, P + j0, ldp, T, ldt, cnt, w, n);  // A[s, :] P[:, f]
+        } else {
+          gemm(false, P + s0 * ldp, ldp, false, M + j0, d, T, ldt, cnt, w, d);  // P[s, :] G[:, f]
+        }
       } else {
-        at::Tensor t = at::from_blob(T, {d, cnt}, {cnt, 1}, acc_opts);
-        at::cpu::mm_out(t, Gt, at::from_blob(P, {d, cnt}, {cnt, 1}, acc_opts));
+        if constexpr (kDual) {
+          gemm(false, P + j0 * ldp, ldp, false, M + s0, n, T, ldt, w, cnt, n);  // (P^T)[f, :] A[:, s]
+        } else {
+          gemm(true, M + j0, d, false, P + s0, ldp, T, ldt, w, cnt, d);  // (G^T)[f, :] (P^T)[:, s]
+        }
       }
-      add_grad(T, ld, cp, gy, o, sh, s0, cnt);
+      add_grad<kDual>(T, ldt, c, P, ldp, gy, o, sh, s0, cnt, j0, j1);
     }
   });
 }
 
-// Back in x3's own strides (the canonical layouts are contiguous already; other dense strides get
-// a copy) and in grad_y's dtype.
-at::Tensor restore(at::Tensor out, const at::Tensor& x3, at::ScalarType dtype) {
-  if (x3.is_contiguous() || !x3.is_non_overlapping_and_dense()) return out.to(dtype);
-  return at::empty_strided(x3.sizes(), x3.strides(), out.options().dtype(dtype)).copy_(out);
+// c = e^T G in float64 then acc_t: the image of the part e (d) of mu the shift leaves out.
+template <typename acc_t>
+std::vector<acc_t> shift_correction(const double* e, const acc_t* G, int64_t d) {
+  std::vector<double> c(d, 0.0);
+  parallel_tasks(ceil_div(d, kRowGrain), [&](int64_t b) {
+    const int64_t j0 = b * kRowGrain, j1 = std::min(d, j0 + kRowGrain);
+    for (int64_t i = 0; i < d; ++i) {
+      const double ei = e[i];
+      for (int64_t j = j0; j < j1; ++j) c[j] += ei * static_cast<double>(G[i * d + j]);
+    }
+  });
+  return std::vector<acc_t>(c.begin(), c.end());
 }
 
-// gy3 + (X - 1 mu^T) G with G (d x d, contiguous) in the accumulate dtype and mu (d) in float64.
 // The apply's operands in the layout its loops take, and its output, allocated up front: the
 // backward allocates grad_x before the statistics' temporaries, so that it can take the block
 // the previous step's gradient freed rather than fresh pages the kernel must fault in and zero.
@@ -502,135 +951,180 @@ struct ApplyIO {
   bool same_dtype;
 };
 
-ApplyIO prepare_apply(const at::Tensor& gy3_in, const at::Tensor& x3_in) {
+ApplyIO prepare_apply(const at::Tensor& gy3, const at::Tensor& x3) {
   ApplyIO io;
-  io.x3 = x3_in.contiguous();
-  io.same_dtype = gy3_in.scalar_type() == io.x3.scalar_type();
-  // grad_y in another dtype is added in the accumulate dtype, as the reference does.
-  io.gy3 = (io.same_dtype ? gy3_in : gy3_in.to(accumulate_type(io.x3.scalar_type()))).contiguous();
-  io.out = at::empty_strided(io.x3.sizes(), io.x3.strides(), io.gy3.options());
+  io.x3 = x3;
+  io.same_dtype = gy3.scalar_type() == x3.scalar_type();
+  // grad_y in another dtype is added in the accumulate dtype, as the reference does; grad_x is
+  // then converted back to grad_y's dtype.
+  io.gy3 = io.same_dtype ? gy3 : gy3.to(accumulate_type(x3.scalar_type()));
+  io.out = at::empty(x3.sizes(), io.gy3.options());
   return io;
 }
 
-at::Tensor apply_host(const ApplyIO& io, const at::Tensor& x3_in, at::ScalarType grad_dtype, const at::Tensor& G,
-                      const at::Tensor& mu64) {
-  const at::Tensor& x3 = io.x3;
-  const at::Tensor& gy3 = io.gy3;
-  at::Tensor out = io.out;
-  const bool same_dtype = io.same_dtype;
-  const at::ScalarType acc = accumulate_type(x3.scalar_type());
-
-  // K = mu rounded to the accumulate dtype; c = (mu - K) G restores what the rounding dropped
-  // (at |mu|/std = 1000 in float32 it would be a 3e-5 relative error of the gradient).
-  const int64_t d = x3.size(1);
-  const at::Tensor K = mu64.to(acc);
-  std::vector<double> c(d, 0.0);
-  if (acc == at::kFloat) {
-    const float* g = G.const_data_ptr<float>();
-    const float* k = K.const_data_ptr<float>();
-    const double* mu = mu64.const_data_ptr<double>();
-    at::parallel_for(0, d, kRowGrain, [&](int64_t j0, int64_t j1) {
-      for (int64_t i = 0; i < d; ++i) {
-        const double e = mu[i] - static_cast<double>(k[i]);
-        for (int64_t j = j0; j < j1; ++j) c[j] += e * static_cast<double>(g[i * d + j]);
-      }
-    });
+// Calls f(gy, out) with grad_y's and grad_x's data in their element type.
+template <typename scalar_t, typename F>
+void with_grad_pointers(const ApplyIO& io, const F& f) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (io.same_dtype) {
+    f(io.gy3.const_data_ptr<scalar_t>(), io.out.mutable_data_ptr<scalar_t>());
+  } else {
+    f(io.gy3.const_data_ptr<acc_t>(), io.out.mutable_data_ptr<acc_t>());
   }
-  const at::Tensor c_acc =
-      at::from_blob(c.data(), {d}, mu64.options()).to(acc, /*non_blocking=*/false, /*copy=*/true);
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x3.scalar_type(), "vcreg_apply_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    if (same_dtype) {
-      apply_impl<scalar_t, scalar_t>(gy3, x3, G, K, c_acc, out);
-    } else {
-      apply_impl<scalar_t, acc_t>(gy3, x3, G, K, c_acc, out);
-    }
-  });
-  return restore(out, x3_in, grad_dtype);
 }
 
-std::pair<at::Tensor, at::Tensor> stats_f64(const at::Tensor& x3_in) {
-  const at::Tensor x3 = x3_in.contiguous();
-  std::pair<at::Tensor, at::Tensor> r;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x3.scalar_type(), "vcreg_stats_cpu",
-                                  [&] { r = stats_impl<scalar_t>(x3); });
-  return r;
+// Where the dual plan runs (the top comment says why): no clip (G off its diagonal is then M2
+// scaled), n at most d, and the panel within bounds.
+bool use_dual(int64_t n, int64_t d, int64_t elem_bytes, const std::optional<double>& delta) {
+  return !delta && n <= d && n * d * elem_bytes <= kPanelMaxBytes;
 }
 
-// G (d x d, in acc_t) of SPEC section 2 from M2 = Xc^T Xc (float64); returns (l_var, l_cov). NaN
-// propagates as in the reference: a NaN variance gives a NaN l_var and G_jj = 0 (hinge inactive).
-template <typename acc_t>
-std::pair<double, double> fill_gradient_matrix(const double* M2, int64_t d, int64_t n, double alpha, double beta,
-                                               double eps, double gamma, std::optional<double> delta, acc_t* G) {
+// The backward by the dual plan: G = kappa M2 + diag(h) with kappa = 4 beta / (d (d-1) (n-1)^2),
+// so Xc G = kappa A Xc + Xc diag(h) with A = Xc Xc^T (n x n), and ||M2||_F = ||A||_F gives l_cov.
+template <typename scalar_t>
+std::pair<double, double> backward_dual(const ApplyIO& io, double alpha, double beta, double eps, double gamma) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Shape sh = shape_of(io.x3);
+  const int64_t d = sh.d, n = sh.n;
+  const Panel<acc_t> panel = gather_panel(io.x3.const_data_ptr<scalar_t>(), sh, /*squares=*/true);
+  acc_t* A = scratch<acc_t>(Scratch::kGramAcc, n * n);
+  gram_upper(panel.P, panel.ld, /*dim_major=*/sh.rows(), n, d, A, n);
   const double inv_nm1 = 1.0 / static_cast<double>(n - 1), dd = static_cast<double>(d);
-  double l_var = 0.0, l_cov = 0.0;
-  for (int64_t j = 0; j < d; ++j) {
-    const double s = std::sqrt(M2[j * d + j] * inv_nm1 + eps);
-    const double hinge = gamma - s;
-    l_var += hinge < 0 ? 0.0 : hinge;  // relu that keeps NaN
-    G[j * d + j] = static_cast<acc_t>(s < gamma ? -alpha * inv_nm1 / dd / s : 0.0);
+  const double kappa = 4.0 * beta * inv_nm1 * inv_nm1 / (dd * (dd - 1.0));
+  std::vector<acc_t> h(d);
+  const double l_var = fill_diagonal(
+      d, n, alpha, eps, gamma, [&](int64_t j) { return panel.sq[j]; },
+      [&](int64_t j, double g) { h[j] = static_cast<acc_t>(g - kappa * panel.sq[j]); });
+  // A scaled by kappa and mirrored, its squares summed per tile in tile order.
+  double frob = 0.0, diag = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double a = static_cast<double>(A[i * n + i]);
+    frob += a * a;
+    A[i * n + i] = static_cast<acc_t>(kappa * a);
   }
-  if (d == 1) return {l_var / dd, 0.0};
-  const double scale = 4.0 * beta * inv_nm1 / (dd * (dd - 1.0));
-  // Rows in parallel, their phi sums added in row order: the same l_cov for any thread count.
-  std::vector<double> row_cov(d, 0.0);
-  at::parallel_for(0, d, kRowGrain, [&](int64_t i0, int64_t i1) {
+  for (int64_t j = 0; j < d; ++j) diag += panel.sq[j] * panel.sq[j];
+  std::vector<double> tile_frob(num_upper_tiles(n), 0.0);
+  for_upper_tiles(n, [&](int64_t t, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+    acc_t buf[kPassTile * kPassTile];
+    const int64_t wj = j1 - j0;
+    double sum = 0.0;
     for (int64_t i = i0; i < i1; ++i) {
-      double sum = 0.0;
-      for (int64_t j = 0; j < d; ++j) {
-        if (i == j) continue;
-        const double c = M2[i * d + j] * inv_nm1;
-        if (!delta) {
-          G[i * d + j] = static_cast<acc_t>(c * scale);
-          sum += c * c;
-          continue;
-        }
-        const double dl = *delta, a = std::abs(c);
-        G[i * d + j] = static_cast<acc_t>(std::min(std::max(c, -dl), dl) * scale);  // keeps NaN
-        sum += a <= dl ? c * c : 2.0 * dl * a - dl * dl;
+      if (i + 4 < i1) prefetch_row(A + (i + 4) * n + j0, j1 - j0, /*write=*/false);
+      double lanes[kLanes] = {};
+      int64_t j = std::max(i + 1, j0);
+      const auto element = [&](int64_t jj, int u) {
+        const double a = static_cast<double>(A[i * n + jj]);
+        lanes[u] += a * a;
+        buf[(i - i0) * wj + (jj - j0)] = static_cast<acc_t>(kappa * a);
+      };
+      for (; j + kLanes <= j1; j += kLanes) {
+        for (int u = 0; u < kLanes; ++u) element(j + u, u);
       }
-      row_cov[i] = sum;
+      for (int u = 0; j < j1; ++j, ++u) element(j, u);
+      sum += sum_lanes(lanes);
     }
+    tile_frob[t] = sum;
+    write_mirrored(buf, i0, i1, j0, j1, n, A);
   });
-  for (int64_t i = 0; i < d; ++i) l_cov += row_cov[i];
-  return {l_var / dd, l_cov / (dd * (dd - 1.0))};
+  for (const double v : tile_frob) frob += 2.0 * v;
+  const double l_cov = d == 1 ? 0.0 : (frob - diag) * inv_nm1 * inv_nm1 / (dd * (dd - 1.0));
+  with_grad_pointers<scalar_t>(io, [&](auto* gy, auto* o) { apply_panel<true>(sh, panel, A, h.data(), gy, o); });
+  return {l_var, l_cov};
 }
 
 std::tuple<at::Tensor, at::Tensor> vcreg_stats_cpu(const at::Tensor& x3) {
   check_stats_args(x3);
-  auto [mu, M2] = stats_f64(x3);
+  const int64_t d = x3.size(1), n = num_samples(x3);
+  const auto f64 = x3.options().dtype(at::kDouble);
   const at::ScalarType acc = accumulate_type(x3.scalar_type());
-  return {mu.to(acc), M2.to(acc, /*non_blocking=*/false, /*copy=*/true)};  // M2 is scratch
+  at::Tensor mu_t = at::empty({d}, f64), m2_t = at::empty({d, d}, x3.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x3.scalar_type(), "vcreg_stats_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Moments<acc_t> m = gram_moments<scalar_t>(x3);
+    double* mu = mu_t.mutable_data_ptr<double>();
+    for (int64_t j = 0; j < d; ++j) mu[j] = static_cast<double>(m.K[j]) + m.S[j] / static_cast<double>(n);
+    acc_t* M2 = m2_t.mutable_data_ptr<acc_t>();
+    if (m.Qa != nullptr) {
+      centred_gram<true>(m.Qa, m.S.data(), d, n, M2);
+    } else {
+      centred_gram<false>(m.Qd, m.S.data(), d, n, M2);
+    }
+  });
+  return {mu_t.to(acc), m2_t};
 }
 
-at::Tensor vcreg_apply_cpu(const at::Tensor& gy3, const at::Tensor& x3, const at::Tensor& G, const at::Tensor& mu) {
-  check_apply_args(gy3, x3, G, mu);
-  const at::ScalarType acc = accumulate_type(x3.scalar_type());
-  return apply_host(prepare_apply(gy3, x3), x3, gy3.scalar_type(), G.to(acc).contiguous(),
-                    mu.to(at::kDouble).contiguous());
+at::Tensor vcreg_apply_cpu(const at::Tensor& gy3, const at::Tensor& x3, const at::Tensor& G_in,
+                           const at::Tensor& mu_in) {
+  check_apply_args(gy3, x3, G_in, mu_in);
+  const ApplyIO io = prepare_apply(gy3, x3);
+  const at::ScalarType acc = accumulate_type(io.x3.scalar_type());
+  const at::Tensor G = G_in.to(acc).contiguous(), mu = mu_in.to(at::kDouble).contiguous();
+  const int64_t d = io.x3.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, io.x3.scalar_type(), "vcreg_apply_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    // K' = mu rounded to the accumulate dtype; e = mu - K' restores what the rounding dropped
+    // (at |mu|/std = 1000 in float32 it would be a 3e-5 relative error of the gradient).
+    const double* mu64 = mu.const_data_ptr<double>();
+    std::vector<acc_t> K(d);
+    std::vector<double> e(d);
+    for (int64_t j = 0; j < d; ++j) {
+      K[j] = static_cast<acc_t>(mu64[j]);
+      e[j] = mu64[j] - static_cast<double>(K[j]);
+    }
+    const acc_t* g = G.const_data_ptr<acc_t>();
+    const std::vector<acc_t> c = shift_correction(e.data(), g, d);
+    with_grad_pointers<scalar_t>(io, [&](auto* gy, auto* o) {
+      apply_gathered(shape_of(io.x3), io.x3.const_data_ptr<scalar_t>(), g, K.data(), c.data(), gy, o);
+    });
+  });
+  return io.out.to(gy3.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor> vcreg_backward_cpu(const at::Tensor& gy3, const at::Tensor& x3, double alpha,
                                                       double beta, double eps, double gamma,
                                                       std::optional<double> delta) {
   check_backward_args(gy3, x3);
-  const at::ScalarType acc = accumulate_type(x3.scalar_type());
-  const int64_t d = x3.size(1);
   const ApplyIO io = prepare_apply(gy3, x3);
-  auto [mu, M2] = stats_f64(io.x3);
-  at::Tensor G;
-  std::pair<double, double> terms;
-  AT_DISPATCH_FLOATING_TYPES(acc, "vcreg_gradient_matrix_cpu", [&] {
-    scalar_t* g = scratch<scalar_t>(Scratch::kG, d * d);
-    G = at::from_blob(g, {d, d}, M2.options().dtype(acc));
-    terms = fill_gradient_matrix<scalar_t>(M2.const_data_ptr<double>(), d, num_samples(x3), alpha, beta, eps,
-                                           gamma, delta, g);
+  const int64_t d = io.x3.size(1), n = num_samples(io.x3);
+  const at::ScalarType acc = accumulate_type(io.x3.scalar_type());
+  at::Tensor terms_t = at::empty({2}, io.x3.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, io.x3.scalar_type(), "vcreg_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::pair<double, double> terms;
+    if (use_dual(n, d, sizeof(acc_t), delta)) {
+      terms = backward_dual<scalar_t>(io, alpha, beta, eps, gamma);
+    } else {
+      const Moments<acc_t> m = gram_moments<scalar_t>(io.x3);
+      acc_t* G = scratch<acc_t>(Scratch::kG, d * d);
+      terms = m.Qa != nullptr
+                  ? fill_gradient_matrix<true>(m.Qa, m.S.data(), d, n, alpha, beta, eps, gamma, delta, G)
+                  : fill_gradient_matrix<false>(m.Qd, m.S.data(), d, n, alpha, beta, eps, gamma, delta, G);
+      // The panel holds X - 1 (K + m)^T already: mu differs from K + m by the rounding of m, whose
+      // image in the gradient is below float32's own rounding of it. Otherwise a fresh gather
+      // shifts by K' = mu rounded to acc_t and subtracts the image c = (mu - K')^T G of that rounding.
+      std::vector<acc_t> c(d, acc_t(0));
+      if (m.Qa != nullptr) {
+        with_grad_pointers<scalar_t>(io, [&](auto* gy, auto* o) { apply_panel<false>(shape_of(io.x3), m.panel, G, c.data(), gy, o); });
+      } else {
+        const double nd = static_cast<double>(n);
+        std::vector<acc_t> K(d);
+        std::vector<double> e(d);
+        for (int64_t j = 0; j < d; ++j) {
+          const double mu = static_cast<double>(m.K[j]) + m.S[j] / nd;
+          K[j] = static_cast<acc_t>(mu);
+          e[j] = mu - static_cast<double>(K[j]);
+        }
+        c = shift_correction(e.data(), G, d);
+        with_grad_pointers<scalar_t>(io, [&](auto* gy, auto* o) {
+          apply_gathered(shape_of(io.x3), io.x3.const_data_ptr<scalar_t>(), G, K.data(), c.data(), gy, o);
+        });
+      }
+    }
+    acc_t* t = terms_t.mutable_data_ptr<acc_t>();
+    t[0] = static_cast<acc_t>(terms.first);
+    t[1] = static_cast<acc_t>(terms.second);
   });
-  at::Tensor terms_t = at::empty({2}, M2.options());
-  terms_t.mutable_data_ptr<double>()[0] = terms.first;
-  terms_t.mutable_data_ptr<double>()[1] = terms.second;
-  return {apply_host(io, x3, gy3.scalar_type(), G, mu), terms_t.to(acc)};
+  return {io.out.to(gy3.scalar_type()), terms_t};
 }
 
 }  // namespace

@@ -151,7 +151,7 @@ def test_grad_takes_grad_y_dtype(case):
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-@pytest.mark.parametrize("size", [(300, 7, 1), (3, 7, 37)], ids=size_id)
+@pytest.mark.parametrize("size", [(300, 7, 1), (3, 7, 37), (6, 9, 1), (2, 40, 9)], ids=size_id)
 @pytest.mark.parametrize("case", cases([torch.float32, torch.bfloat16], sizes=False))
 def test_nonfinite_propagates(case, size, bad):
     """NaN/Inf in x reach mu and C of their column and, through G, grad_x as the math says."""
