@@ -613,9 +613,10 @@ struct Moments {
   Panel<acc_t> panel;          // panel: its operand, which the apply reuses
 };
 
-// (K, S, Q) of x3 (contiguous); Q and the panel live in this thread's scratch until its next call.
+// (K, S, Q) of x3 (contiguous); Q and the panel live in this thread's scratch until its next call,
+// except that the panel plan writes Q into q_out where one is given (the caller's d x d output).
 template <typename scalar_t>
-Moments<at::opmath_type<scalar_t>> gram_moments(const at::Tensor& x3) {
+Moments<at::opmath_type<scalar_t>> gram_moments(const at::Tensor& x3, at::opmath_type<scalar_t>* q_out = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
   const Shape sh = shape_of(x3);
   const int64_t d = sh.d, n = sh.n;
@@ -626,7 +627,7 @@ Moments<at::opmath_type<scalar_t>> gram_moments(const at::Tensor& x3) {
     m.panel = gather_panel(x, sh, /*squares=*/false);
     m.K = m.panel.K;
     m.S = m.panel.S;
-    acc_t* Q = scratch<acc_t>(Scratch::kGramAcc, d * d);
+    acc_t* Q = q_out != nullptr ? q_out : scratch<acc_t>(Scratch::kGramAcc, d * d);
     gram_upper(m.panel.P, m.panel.ld, /*dim_major=*/!sh.rows(), d, n, Q, d);
     m.Qa = Q;
     return m;
@@ -712,7 +713,8 @@ Moments<at::opmath_type<scalar_t>> gram_moments(const at::Tensor& x3) {
 }
 
 // M2 full and symmetric, computed in float64 and stored in m_t (the accumulate dtype: the
-// returned M2 is then the only d x d allocation; see Moments).
+// returned M2 is then the only d x d allocation; see Moments). Q may be M2 itself (kCentred):
+// each element is read, in the upper triangle, before any write can reach it.
 template <bool kCentred, typename q_t, typename m_t>
 void centred_gram(const q_t* Q, const double* S, int64_t d, int64_t n, m_t* M2) {
   const double nd = static_cast<double>(n);
@@ -1040,10 +1042,11 @@ std::tuple<at::Tensor, at::Tensor> vcreg_stats_cpu(const at::Tensor& x3) {
   at::Tensor mu_t = at::empty({d}, f64), m2_t = at::empty({d, d}, x3.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x3.scalar_type(), "vcreg_stats_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Moments<acc_t> m = gram_moments<scalar_t>(x3);
+    acc_t* M2 = m2_t.mutable_data_ptr<acc_t>();
+    // The panel plan's Q is M2 itself (centred panel): computed in place, mirrored below.
+    const Moments<acc_t> m = gram_moments<scalar_t>(x3, M2);
     double* mu = mu_t.mutable_data_ptr<double>();
     for (int64_t j = 0; j < d; ++j) mu[j] = static_cast<double>(m.K[j]) + m.S[j] / static_cast<double>(n);
-    acc_t* M2 = m2_t.mutable_data_ptr<acc_t>();
     if (m.Qa != nullptr) {
       centred_gram<true>(m.Qa, m.S.data(), d, n, M2);
     } else {
