@@ -21,7 +21,7 @@ With no pair kernels they are composed too (``reference.pair_stats_of_halves``,
 | backend   | tensors                                      | code                                    |
 | --------- | -------------------------------------------- | --------------------------------------- |
 | cuda      | CUDA/ROCm                                    | csrc/cuda/, the CUDA key of vcreg::*_kernel |
-| triton    | CUDA/ROCm; CPU only under TRITON_INTERPRET=1 | vcreg_kernels/triton_kernels.py         |
+| triton    | CUDA/ROCm; CPU only under TRITON_INTERPRET=1 | vcreg_kernels/triton_kernels/           |
 | cpu       | CPU                                          | csrc/vcreg_cpu.cpp, the CPU key         |
 | reference | any                                          | vcreg_kernels/reference.py              |
 
