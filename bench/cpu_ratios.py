@@ -13,6 +13,7 @@ round by round, the time of
   on an already flattened contiguous copy X (n x d) of x: the floor;
 
 and the ratios of the medians ours/eager (target <= 1), ours/blas (target <= 1.3) and ours/naive.
+x's gradient from the previous round is dropped before each timed call, outside the timer.
 bench/report.py prints them with p20 and p80 beside each median.
 
     .venv/bin/python -m bench.cpu_ratios [--reps 20] [--threads N] [--batch 4 16]
@@ -60,8 +61,11 @@ class EagerVCReg(torch.autograd.Function):
         return grad_y + (Xc @ G).view(moved.shape).movedim(-1, ctx.dim), None
 
 
-def _timer(fn: Callable[[], None]) -> Callable[[], float]:
+def _timer(fn: Callable[[], None], before: Callable[[], None]) -> Callable[[], float]:
+    """Seconds of one ``fn()``; ``before()`` runs first, untimed (dropping the previous round's
+    gradient, whose free would otherwise be charged to whichever case runs next)."""
     def run() -> float:
+        before()
         t0 = time.perf_counter()
         fn()
         return time.perf_counter() - t0
@@ -82,15 +86,12 @@ def measure(shape: LayerShape, reps: int, warmup: int = 2) -> dict[str, list[flo
     G = G + G.T
 
     def ours():
-        x.grad = None
         torch.ops.vcreg.fused(x, ALPHA, BETA, EPS, dim=dim).backward(grad_y)
 
     def eager():
-        x.grad = None
         EagerVCReg.apply(x, dim % x.dim()).backward(grad_y)
 
     def naive():
-        x.grad = None
         loss = vcreg_kernels.vcreg_loss(x, ALPHA, BETA, EPS, dim=dim)
         torch.autograd.backward([x.view_as(x), loss], [grad_y, None])
 
@@ -98,7 +99,10 @@ def measure(shape: LayerShape, reps: int, warmup: int = 2) -> dict[str, list[flo
         torch.mm(X.T, X)
         torch.mm(X, G)
 
-    cases = {"ours": _timer(ours), "eager": _timer(eager), "naive": _timer(naive), "blas": _timer(blas)}
+    def clear():
+        x.grad = None
+
+    cases = {k: _timer(f, clear) for k, f in (("ours", ours), ("eager", eager), ("naive", naive), ("blas", blas))}
     times: dict[str, list[float]] = {k: [] for k in cases}
     for run in cases.values():
         for _ in range(warmup):

@@ -409,7 +409,8 @@ def to_markdown(report: dict) -> str:
             "are one layer's forward+backward as in the layer table; eager is an identity autograd.Function whose "
             "backward computes the same exact gradient in plain eager ops (movedim, demean, `Xc.T @ Xc`, G, "
             "`Xc @ G`); BLAS is `torch.mm(X.T, X)` + `torch.mm(X, G)` on an (n, d) contiguous copy of X made "
-            "beforehand, the two products the backward cannot avoid. Targets for the cpu backend: "
+            "beforehand, the two products the backward cannot avoid. The previous round's gradient is dropped "
+            "outside the timed call. Targets for the cpu backend: "
             "ours/eager <= 1, ours/BLAS <= 1.3.",
             "",
             "| shape | n | backend | ours | eager | BLAS pair | naive | ours/eager | ours/BLAS | ours/naive |",
