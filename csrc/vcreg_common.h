@@ -1,5 +1,6 @@
-// Argument checks shared by the compiled kernels of vcreg::backward_kernel, stats_kernel and
-// apply_kernel (csrc/vcreg_cpu.cpp, csrc/cuda/). Torch headers only, so that any device's
+// Argument checks shared by the compiled kernels of vcreg::backward_kernel, stats_kernel,
+// apply_kernel and the VICReg pair kernels pair_stats_kernel, pair_apply_kernel (csrc/vcreg_cpu.cpp,
+// csrc/cuda/). Torch headers only, so that any device's
 // translation unit can include it. The public checks of SPEC section 5 live in Python
 // (vcreg_kernels/_params.py); these guard the ops' own contract: canonical (B, d, L) tensors
 // (vcreg_kernels/_layout.py) with n = B * L samples and d features.
@@ -50,9 +51,7 @@ inline void check_backward_args(const at::Tensor& gy3, const at::Tensor& x3) {
                     " for a (B, d, L) tensor of shape ", x3.sizes());
 }
 
-inline void check_apply_args(const at::Tensor& gy3, const at::Tensor& x3, const at::Tensor& G,
-                             const at::Tensor& mu) {
-  check_grad_pair(gy3, x3);
+inline void check_apply_operands(const at::Tensor& x3, const at::Tensor& G, const at::Tensor& mu) {
   const int64_t d = x3.size(1);
   TORCH_CHECK(G.dim() == 2 && G.size(0) == d && G.size(1) == d, "vcreg: G must be (d, d) = (", d, ", ", d,
               "), got ", G.sizes());
@@ -61,6 +60,37 @@ inline void check_apply_args(const at::Tensor& gy3, const at::Tensor& x3, const 
               "vcreg: G and mu must be floating point, got ", G.scalar_type(), " and ", mu.scalar_type());
   TORCH_CHECK(G.device() == x3.device() && mu.device() == x3.device(), "vcreg: G and mu must be on ",
               x3.device());
+}
+
+inline void check_apply_args(const at::Tensor& gy3, const at::Tensor& x3, const at::Tensor& G,
+                             const at::Tensor& mu) {
+  check_grad_pair(gy3, x3);
+  check_apply_operands(x3, G, mu);
+}
+
+// The VICReg pair kernels' two branches: canonical tensors of one shape, dtype and device (the
+// messages of vcreg_kernels/reference.py's _check_pair).
+inline void check_pair_args(const at::Tensor& za3, const at::Tensor& zb3) {
+  check_canonical(za3, "z_a");
+  check_canonical(zb3, "z_b");
+  TORCH_CHECK(za3.sizes() == zb3.sizes() && za3.scalar_type() == zb3.scalar_type(), "vcreg: the branches differ: ",
+              za3.sizes(), " ", za3.scalar_type(), ", ", zb3.sizes(), " ", zb3.scalar_type());
+  TORCH_CHECK(za3.device() == zb3.device(), "vcreg: z_a is on ", za3.device(), ", z_b on ", zb3.device());
+}
+
+// pair_apply_kernel's operands: G and mu per branch as apply_kernel's, g and c one-element floating
+// tensors on the branches' device.
+inline void check_pair_apply_args(const at::Tensor& g, const at::Tensor& za3, const at::Tensor& zb3,
+                                  const at::Tensor& G_a, const at::Tensor& mu_a, const at::Tensor& G_b,
+                                  const at::Tensor& mu_b, const at::Tensor& c) {
+  check_pair_args(za3, zb3);
+  check_apply_operands(za3, G_a, mu_a);
+  check_apply_operands(zb3, G_b, mu_b);
+  for (const at::Tensor* t : {&g, &c}) {
+    TORCH_CHECK(t->numel() == 1 && at::isFloatingType(t->scalar_type()), "vcreg: ", t == &g ? "g" : "c",
+                " must be a one-element floating point tensor, got shape ", t->sizes(), " and ", t->scalar_type());
+    TORCH_CHECK(t->device() == za3.device(), "vcreg: ", t == &g ? "g" : "c", " must be on ", za3.device());
+  }
 }
 
 }  // namespace

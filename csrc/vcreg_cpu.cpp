@@ -1,5 +1,6 @@
-// The `cpu` backend: CPU kernels of vcreg::backward_kernel, vcreg::stats_kernel and
-// vcreg::apply_kernel, whose schemas are defined once in vcreg_kernels/_ops.py and whose exact
+// The `cpu` backend: CPU kernels of vcreg::backward_kernel, vcreg::stats_kernel,
+// vcreg::apply_kernel and the VICReg loss's pair kernels vcreg::pair_stats_kernel and
+// vcreg::pair_apply_kernel, whose schemas are defined once in vcreg_kernels/_ops.py and whose exact
 // semantics are those of vcreg_kernels/reference.py.
 //
 // Inputs are the canonical tensors of vcreg_kernels/_layout.py, x3 and grad_y3: (B, d, L), samples
@@ -13,8 +14,14 @@
 //   apply_kernel(gy3, x3, G, mu)  -> grad_x3 = grad_y3 + (X - 1 mu^T) G   (G: d x d)
 //   backward_kernel(gy3, x3, ...) -> C = M2 / (n-1); G and (l_var, l_cov) of SPEC section 2 from C
 //                                    (in float64); grad_x3 = grad_y3 + Xc G.
-// mu, M2 and the terms are returned in the accumulate dtype (float64 for float64 input, else
-// float32); grad_x3 in grad_y3's dtype.
+// and for two branches za3, zb3 of one shape and dtype (the VICReg loss, SPEC section 9), Z_a, Z_b
+// their rows:
+//   pair_stats_kernel(za3, zb3)   -> (mu_a, M2_a, mu_b, M2_b, sum (Z_a - Z_b)^2)
+//   pair_apply_kernel(g, za3, zb3, G_a, mu_a, G_b, mu_b, c)
+//                                 -> grad_a3 = g (c (Z_a - Z_b) + (Z_a - 1 mu_a^T) G_a),
+//                                    grad_b3 = g (c (Z_b - Z_a) + (Z_b - 1 mu_b^T) G_b)   (g, c: 0-dim)
+// mu, M2, the terms and the invariance sum are returned in the accumulate dtype (float64 for
+// float64 input, else float32); grad_x3 in grad_y3's dtype, the pair's gradients in z's.
 //
 // Numerics (SPEC section 2). Every product runs on shifted data X - 1 K^T, K the mean of 64
 // samples (4 runs of 16 spread over X), subtracted in the accumulate dtype before any product:
@@ -49,17 +56,35 @@
 //     chunks, whose (sample group x upper tile) products go into float64 accumulators; apply as
 //     grouped.
 //
+// Pair kernels: one pass over each branch for the statistics, one pass writing both gradients.
+//   pair_stats, panel plan (each branch's panel within kPanelMaxBytes): both branches' centred
+//     panels from one parallel gather that reads each value once and also sums (Z_a - Z_b)^2 in
+//     the accumulate dtype (as the column sums: kSumBlock values per partial sum, then float64,
+//     features added in order); the Gram products of both branches in one parallel region,
+//     straight into the returned M2s. Other plans: each branch on its own, the invariance sum
+//     one more pass over fixed chunks.
+//   pair_apply: both branches gathered as X - 1 K'^T (K' = mu rounded to the accumulate dtype;
+//     the rounding's image corrected as in the apply above, and not computed where mu is in the
+//     accumulate dtype already, as the loss passes it), every sample at once where each panel is
+//     within kPanelMaxBytes, else in super-panels of that size. Tasks: (column block of G x
+//     sample block) products of both branches, each writing both gradients from one read of
+//     both branches' values, the difference formed in the accumulate dtype and multiplied by g
+//     before the rounding to z's dtype; no n x d temporary but the panels' scratch. Blocks of up
+//     to kPairFeatures columns against up to kPairSamples samples, not all of G against fewer
+//     samples: MKL's product of 128 rows by an 8192 x 8192 G ran at 0.6 of the rate of 256 rows
+//     by 256 columns of it (one thread).
+//
 // Work split: tasks fixed by the shape (n, d, layout) and the plan only, so results are bitwise
 // the same run to run and for any number of threads; the threads claim them one at a time
 // (parallel_tasks). Each feature's
 // sums come from one task; every product is one BLAS call of a fixed shape on one thread
 // (SingleThreadBlas: MKL would cut a product's inner dimension by its thread count); accumulators
-// and partial sums are added in a fixed order (sample groups, tiles). Panel and dual Gram
-// products: row blocks I and nb-1-I of the triangle make one task, of equal work; their applies:
-// (feature block x sample block) products, whole rows in the "rows" layout. The d x d and n x n
-// passes: fixed 64 x 64 tiles, in parallel from 256 on.
-// Temporaries (the panel, up to kPanelMaxBytes; a d x d or n x n matrix) are per-thread scratch
-// reused across calls.
+// and partial sums are added in a fixed order (sample groups, tiles, chunks). Panel and dual Gram
+// products: row blocks I and nb-1-I of the triangle make one task, of equal work (per branch in
+// pair_stats); their applies: (feature block x sample block) products, whole rows in the "rows"
+// layout. The d x d and n x n passes: fixed 64 x 64 tiles, in parallel from 256 on.
+// Temporaries (the panel, up to kPanelMaxBytes, one per branch in the pair kernels; a d x d or
+// n x n matrix) are per-thread scratch reused across calls.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -108,6 +133,10 @@ constexpr int64_t kMinApplyPanelSamples = 256;     // apply (gathered): shortest
 constexpr int64_t kApplyPanelMultiple = 8;         // apply (gathered): panel count splits evenly over 1, 2, 4, 8 threads
 constexpr int64_t kMinApplyTasks = 4;              // apply (panel, dual): fewest products
 constexpr int64_t kMinApplySamples = 128;          // apply (panel, dual): shortest sample block
+constexpr int64_t kPairFeatures = 512;             // pair apply: widest feature block (G's columns) per product
+constexpr int64_t kPairSamples = 512;              // pair apply: longest sample block per product
+constexpr int64_t kGatherRows = 16;                // pair apply ("rows"): samples per gather task
+constexpr int64_t kInvarianceChunk = 1 << 16;      // pair stats (grouped, streamed): values per invariance task
 constexpr int64_t kPassTile = 64;                  // d x d and n x n passes: tile width
 constexpr int64_t kRowGrain = 256;                 // d x d and n x n passes: from this size on in parallel
 
@@ -458,17 +487,27 @@ std::vector<int64_t> block_edges(int64_t dim, int64_t nb) {
   return edges;
 }
 
-// The upper triangle of Z^T Z (dim x dim, into out with leading dimension ldo) for Z (k x dim)
-// stored as P: k x dim (leading dimension ld) or, with dim_major, its transpose dim x k. Row block
-// I (columns from its own first on) is one product over all k; blocks I and nb-1-I make one
-// parallel task, of equal work.
+// One Gram product of gram_upper: Z stored as P, its upper triangle into out.
 template <typename acc_t>
-void gram_upper(const acc_t* P, int64_t ld, bool dim_major, int64_t dim, int64_t k, acc_t* out, int64_t ldo) {
+struct GramOperand {
+  const acc_t* P;
+  acc_t* out;
+};
+
+// The upper triangle of Z^T Z (dim x dim, into out with leading dimension ldo) for Z (k x dim)
+// stored as P: k x dim (leading dimension ld) or, with dim_major, its transpose dim x k; for each
+// of nops operands of one shape. Row block I (columns from its own first on) is one product over
+// all k; blocks I and nb-1-I of one operand make one parallel task, of equal work.
+template <typename acc_t>
+void gram_upper(const GramOperand<acc_t>* ops, int64_t nops, int64_t ld, bool dim_major, int64_t dim, int64_t k,
+                int64_t ldo) {
   const int64_t nb0 = std::max(kMinBlocks, ceil_div(dim, kBlock));
   const std::vector<int64_t> edges = block_edges(dim, nb0 + nb0 % 2);
-  const int64_t nb = static_cast<int64_t>(edges.size()) - 1;
-  parallel_tasks(ceil_div(nb, 2), [&](int64_t t) {
-    const int64_t pair[2] = {t, nb - 1 - t};
+  const int64_t nb = static_cast<int64_t>(edges.size()) - 1, per_op = ceil_div(nb, 2);
+  parallel_tasks(nops * per_op, [&](int64_t q) {
+    const acc_t* P = ops[q / per_op].P;
+    acc_t* out = ops[q / per_op].out;
+    const int64_t t = q % per_op, pair[2] = {t, nb - 1 - t};
     for (int u = 0; u < (pair[0] == pair[1] ? 1 : 2); ++u) {  // an odd count's middle block alone
       const int64_t i0 = edges[pair[u]], w = edges[pair[u] + 1] - i0, cols = dim - i0;
       if (dim_major) {
@@ -584,13 +623,15 @@ void for_upper_tiles(int64_t dim, const F& f) {
 }
 
 // Writes the strictly upper part of a tile both ways: buf (rows i0..i1, columns j0..j1, leading
-// dimension j1 - j0) holds element (i, j) for j > i; M[i, j] and M[j, i] get it. Row runs both
-// ways: a column-wise mirror would hit one cache set per element where ldm is a power of two.
+// dimension j1 - j0) holds element (i, j) for j > i; M[i, j] and M[j, i] get it (M[j, i] only,
+// without upper: M's upper part holds buf already). Row runs both ways: a column-wise mirror would
+// hit one cache set per element where ldm is a power of two.
 template <typename T>
-void write_mirrored(const T* buf, int64_t i0, int64_t i1, int64_t j0, int64_t j1, int64_t ldm, T* M) {
+void write_mirrored(const T* buf, int64_t i0, int64_t i1, int64_t j0, int64_t j1, int64_t ldm, T* M,
+                    bool upper = true) {
   const int64_t wj = j1 - j0;
   constexpr int64_t kAhead = 4;  // rows
-  for (int64_t i = i0; i < i1; ++i) {
+  for (int64_t i = i0; upper && i < i1; ++i) {
     if (i + kAhead < i1) prefetch_row(M + (i + kAhead) * ldm + j0, wj, /*write=*/true);
     const int64_t jb = std::max(i + 1, j0);
     std::copy(buf + (i - i0) * wj + (jb - j0), buf + (i - i0) * wj + wj, M + i * ldm + jb);
@@ -628,7 +669,8 @@ Moments<at::opmath_type<scalar_t>> gram_moments(const at::Tensor& x3, at::opmath
     m.K = m.panel.K;
     m.S = m.panel.S;
     acc_t* Q = q_out != nullptr ? q_out : scratch<acc_t>(Scratch::kGramAcc, d * d);
-    gram_upper(m.panel.P, m.panel.ld, /*dim_major=*/!sh.rows(), d, n, Q, d);
+    const GramOperand<acc_t> op{m.panel.P, Q};
+    gram_upper(&op, 1, m.panel.ld, /*dim_major=*/!sh.rows(), d, n, d);
     m.Qa = Q;
     return m;
   }
@@ -714,10 +756,12 @@ Moments<at::opmath_type<scalar_t>> gram_moments(const at::Tensor& x3, at::opmath
 
 // M2 full and symmetric, computed in float64 and stored in m_t (the accumulate dtype: the
 // returned M2 is then the only d x d allocation; see Moments). Q may be M2 itself (kCentred):
-// each element is read, in the upper triangle, before any write can reach it.
+// each element is read, in the upper triangle, before any write can reach it, and the upper
+// triangle, which already holds M2, is not written again.
 template <bool kCentred, typename q_t, typename m_t>
 void centred_gram(const q_t* Q, const double* S, int64_t d, int64_t n, m_t* M2) {
   const double nd = static_cast<double>(n);
+  const bool in_place = kCentred && static_cast<const void*>(Q) == static_cast<const void*>(M2);
   for (int64_t j = 0; j < d; ++j) {
     M2[j * d + j] = static_cast<m_t>(static_cast<double>(Q[j * d + j]) - (kCentred ? 0.0 : S[j] * S[j] / nd));
   }
@@ -731,7 +775,7 @@ void centred_gram(const q_t* Q, const double* S, int64_t d, int64_t n, m_t* M2) 
             static_cast<m_t>(static_cast<double>(Q[i * d + j]) - (kCentred ? 0.0 : S[i] * S[j] / nd));
       }
     }
-    write_mirrored(buf, i0, i1, j0, j1, d, M2);
+    write_mirrored(buf, i0, i1, j0, j1, d, M2, /*upper=*/!in_place);
   });
 }
 
@@ -990,7 +1034,8 @@ std::pair<double, double> backward_dual(const ApplyIO& io, double alpha, double 
   const int64_t d = sh.d, n = sh.n;
   const Panel<acc_t> panel = gather_panel(io.x3.const_data_ptr<scalar_t>(), sh, /*squares=*/true);
   acc_t* A = scratch<acc_t>(Scratch::kGramAcc, n * n);
-  gram_upper(panel.P, panel.ld, /*dim_major=*/sh.rows(), n, d, A, n);
+  const GramOperand<acc_t> op{panel.P, A};
+  gram_upper(&op, 1, panel.ld, /*dim_major=*/sh.rows(), n, d, n);
   const double inv_nm1 = 1.0 / static_cast<double>(n - 1), dd = static_cast<double>(d);
   const double kappa = 4.0 * beta * inv_nm1 * inv_nm1 / (dd * (dd - 1.0));
   std::vector<acc_t> h(d);
@@ -1130,6 +1175,351 @@ std::tuple<at::Tensor, at::Tensor> vcreg_backward_cpu(const at::Tensor& gy3, con
   return {io.out.to(gy3.scalar_type()), terms_t};
 }
 
+// ---------------------------------------------------------------------------------------------
+// The VICReg pair kernels (SPEC section 9; the top comment's "Pair kernels").
+
+// One sample row of the pair gather: pa = a - ka, pb = b - kb over w features, their sums into sa,
+// sb and the squares of a - b into si, every value formed in acc_t from the one read of a and b.
+template <typename scalar_t, typename acc_t>
+inline void pair_row(const scalar_t* __restrict a, const scalar_t* __restrict b, const acc_t* __restrict ka,
+                     const acc_t* __restrict kb, acc_t* __restrict pa, acc_t* __restrict pb, int64_t w,
+                     acc_t* __restrict sa, acc_t* __restrict sb, acc_t* __restrict si) {
+  for (int64_t j = 0; j < w; ++j) {
+    const acc_t x = static_cast<acc_t>(a[j]), y = static_cast<acc_t>(b[j]);
+    const acc_t u = x - ka[j], v = y - kb[j], t = x - y;
+    pa[j] = u;
+    pb[j] = v;
+    sa[j] += u;
+    sb[j] += v;
+    si[j] += t * t;
+  }
+}
+
+// The same along one feature's run of len samples ("bdl"), lane u taking the values at u mod kLanes.
+template <typename scalar_t, typename acc_t>
+inline void pair_run(const scalar_t* __restrict a, const scalar_t* __restrict b, acc_t ka, acc_t kb,
+                     acc_t* __restrict pa, acc_t* __restrict pb, int64_t len, acc_t* __restrict la,
+                     acc_t* __restrict lb, acc_t* __restrict li) {
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes) {
+    for (int u = 0; u < kLanes; ++u) {
+      const acc_t x = static_cast<acc_t>(a[i + u]), y = static_cast<acc_t>(b[i + u]);
+      const acc_t v = x - ka, w = y - kb, t = x - y;
+      pa[i + u] = v;
+      pb[i + u] = w;
+      la[u] += v;
+      lb[u] += w;
+      li[u] += t * t;
+    }
+  }
+  for (int u = 0; i < len; ++i, ++u) {
+    const acc_t x = static_cast<acc_t>(a[i]), y = static_cast<acc_t>(b[i]);
+    const acc_t v = x - ka, w = y - kb, t = x - y;
+    pa[i] = v;
+    pb[i] = w;
+    la[u] += v;
+    lb[u] += w;
+    li[u] += t * t;
+  }
+}
+
+// The pair panel's gather: features j0 <= j < j1 of every sample of both branches, Za - 1 Ka^T and
+// Zb - 1 Kb^T into Pa and Pb (laid out as gather_shifted's P), their column sums into Sa, Sb and
+// sum_s (Za - Zb)^2 into inv, per feature, in float64 from acc_t partial sums of at most kSumBlock
+// values (gather_shifted's rule).
+template <typename scalar_t, typename acc_t>
+void gather_pair(const scalar_t* za, const scalar_t* zb, const Shape& sh, int64_t j0, int64_t j1, const acc_t* Ka,
+                 const acc_t* Kb, acc_t* Pa, acc_t* Pb, int64_t ldp, double* Sa, double* Sb, double* inv) {
+  const int64_t d = sh.d, w = j1 - j0;
+  if (sh.rows()) {
+    std::vector<acc_t> part(3 * w, acc_t(0));
+    acc_t *sa = part.data(), *sb = sa + w, *si = sb + w;
+    for (int64_t r = 0; r < sh.n; ++r) {
+      pair_row(za + r * d + j0, zb + r * d + j0, Ka + j0, Kb + j0, Pa + r * ldp + j0, Pb + r * ldp + j0, w, sa, sb,
+               si);
+      if ((r + 1) % kSumBlock == 0 || r + 1 == sh.n) {
+        for (int64_t j = 0; j < w; ++j) {
+          Sa[j0 + j] += sa[j];
+          Sb[j0 + j] += sb[j];
+          inv[j0 + j] += si[j];
+        }
+        std::fill(part.begin(), part.end(), acc_t(0));
+      }
+    }
+    return;
+  }
+  for_each_run(sh, 0, sh.n, [&](int64_t b, int64_t l, int64_t r, int64_t len) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t o = (b * d + j) * sh.L + l;
+      for (const scalar_t* z : {za, zb}) {
+        prefetch(z + o + sh.L, /*write=*/false);
+        prefetch(z + o + sh.L + 16, /*write=*/false);
+      }
+      for (int64_t i0 = 0; i0 < len; i0 += kLanes * kSumBlock) {
+        acc_t la[kLanes] = {}, lb[kLanes] = {}, li[kLanes] = {};
+        pair_run(za + o + i0, zb + o + i0, Ka[j], Kb[j], Pa + j * ldp + r + i0, Pb + j * ldp + r + i0,
+                 std::min(len - i0, kLanes * kSumBlock), la, lb, li);
+        Sa[j] += static_cast<double>(sum_lanes(la));
+        Sb[j] += static_cast<double>(sum_lanes(lb));
+        inv[j] += static_cast<double>(sum_lanes(li));
+      }
+    }
+  });
+}
+
+// sum (Z_a - Z_b)^2 over the count values of two contiguous tensors of one shape, for the plans
+// that gather each branch on its own: fixed chunks of kInvarianceChunk values, each in acc_t lanes
+// of at most kSumBlock values per partial sum, then in float64, chunks added in order.
+template <typename scalar_t>
+double invariance_sum(const scalar_t* a, const scalar_t* b, int64_t count) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t nchunks = ceil_div(count, kInvarianceChunk);
+  std::vector<double> part(nchunks, 0.0);
+  parallel_tasks(nchunks, [&](int64_t q) {
+    const int64_t i1 = std::min(count, (q + 1) * kInvarianceChunk);
+    double sum = 0.0;
+    for (int64_t k0 = q * kInvarianceChunk; k0 < i1; k0 += kLanes * kSumBlock) {
+      const int64_t k1 = std::min(i1, k0 + kLanes * kSumBlock);
+      acc_t lane[kLanes] = {};
+      int64_t k = k0;
+      for (; k + kLanes <= k1; k += kLanes) {
+        for (int u = 0; u < kLanes; ++u) {
+          const acc_t t = static_cast<acc_t>(a[k + u]) - static_cast<acc_t>(b[k + u]);
+          lane[u] += t * t;
+        }
+      }
+      for (int u = 0; k < k1; ++k, ++u) {
+        const acc_t t = static_cast<acc_t>(a[k]) - static_cast<acc_t>(b[k]);
+        lane[u] += t * t;
+      }
+      sum += static_cast<double>(sum_lanes(lane));
+    }
+    part[q] = sum;
+  });
+  double total = 0.0;
+  for (const double v : part) total += v;
+  return total;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vicreg_pair_stats_cpu(const at::Tensor& za3,
+                                                                                              const at::Tensor& zb3) {
+  check_pair_args(za3, zb3);
+  TORCH_CHECK_VALUE(num_samples(za3) >= 1, "vcreg: z_a and z_b have no samples, shape ", za3.sizes());
+  const int64_t d = za3.size(1), n = num_samples(za3);
+  const at::ScalarType acc = accumulate_type(za3.scalar_type());
+  const auto f64 = za3.options().dtype(at::kDouble);
+  at::Tensor mu_t[2] = {at::empty({d}, f64), at::empty({d}, f64)};
+  at::Tensor m2_t[2] = {at::empty({d, d}, za3.options().dtype(acc)), at::empty({d, d}, za3.options().dtype(acc))};
+  at::Tensor inv_t = at::empty({}, za3.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, za3.scalar_type(), "vicreg_pair_stats_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Shape sh = shape_of(za3);
+    const scalar_t* z[2] = {za3.const_data_ptr<scalar_t>(), zb3.const_data_ptr<scalar_t>()};
+    acc_t* M2[2] = {m2_t[0].mutable_data_ptr<acc_t>(), m2_t[1].mutable_data_ptr<acc_t>()};
+    std::vector<acc_t> K[2];
+    std::vector<double> S[2];
+    double inv = 0.0;
+    if (gram_kind(n, d, sizeof(acc_t)) == GramKind::kPanel) {
+      // Both branches' centred panels from one read of each, the invariance sum from the same
+      // reads; each Q is M2 itself, computed in place in the returned tensor and mirrored below.
+      for (int br = 0; br < 2; ++br) {
+        K[br] = shift_of<scalar_t, acc_t>(z[br], sh);
+        S[br].assign(d, 0.0);
+      }
+      std::vector<double> inv_j(d, 0.0);
+      const int64_t ld = sh.rows() ? d : n;
+      acc_t* Pa = scratch<acc_t>(Scratch::kGramPanel, 2 * n * d);
+      acc_t* Pb = Pa + n * d;
+      std::vector<acc_t> m[2] = {std::vector<acc_t>(d), std::vector<acc_t>(d)};
+      parallel_tasks(ceil_div(d, kGatherFeatures), [&](int64_t f) {
+        const int64_t j0 = f * kGatherFeatures, j1 = std::min(d, j0 + kGatherFeatures);
+        gather_pair(z[0], z[1], sh, j0, j1, K[0].data(), K[1].data(), Pa, Pb, ld, S[0].data(), S[1].data(),
+                    inv_j.data());
+        acc_t* P[2] = {Pa, Pb};
+        for (int br = 0; br < 2; ++br) {
+          for (int64_t j = j0; j < j1; ++j) m[br][j] = static_cast<acc_t>(S[br][j] / static_cast<double>(n));
+          centre_columns<false>(sh, P[br], ld, j0, j1, m[br].data(), nullptr);
+        }
+      });
+      const GramOperand<acc_t> ops[2] = {{Pa, M2[0]}, {Pb, M2[1]}};
+      gram_upper(ops, 2, ld, /*dim_major=*/!sh.rows(), d, n, d);
+      for (int br = 0; br < 2; ++br) centred_gram<true>(M2[br], S[br].data(), d, n, M2[br]);
+      for (const double v : inv_j) inv += v;
+    } else {
+      for (int br = 0; br < 2; ++br) {
+        const Moments<acc_t> mo = gram_moments<scalar_t>(br == 0 ? za3 : zb3);
+        K[br] = mo.K;
+        S[br] = mo.S;
+        centred_gram<false>(mo.Qd, S[br].data(), d, n, M2[br]);
+      }
+      inv = invariance_sum(z[0], z[1], n * d);
+    }
+    for (int br = 0; br < 2; ++br) {
+      double* mu = mu_t[br].mutable_data_ptr<double>();
+      for (int64_t j = 0; j < d; ++j) mu[j] = static_cast<double>(K[br][j]) + S[br][j] / static_cast<double>(n);
+    }
+    *inv_t.mutable_data_ptr<acc_t>() = static_cast<acc_t>(inv);
+  });
+  return {mu_t[0].to(acc), m2_t[0], mu_t[1].to(acc), m2_t[1], inv_t};
+}
+
+// Both gradients over features j0 <= j < j1 of samples s0 .. s0+count-1, from the products
+// Ta = (Za - 1 Ka^T) Ga and Tb (laid out as add_grad's T, leading dimension ldt):
+//   grad_a = g (Ta - 1 ca^T + c (Za - Zb)),   grad_b = g (Tb - 1 cb^T - c (Za - Zb)),
+// the difference formed in acc_t from one read of each branch, rounded to scalar_t last.
+template <typename scalar_t, typename acc_t>
+inline void pair_grad_row(const scalar_t* __restrict a, const scalar_t* __restrict b, const acc_t* __restrict ta,
+                          const acc_t* __restrict tb, const acc_t* __restrict ca, const acc_t* __restrict cb, acc_t g,
+                          acc_t c, scalar_t* __restrict oa, scalar_t* __restrict ob, int64_t w) {
+  for (int64_t j = 0; j < w; ++j) {
+    const acc_t inv = (static_cast<acc_t>(a[j]) - static_cast<acc_t>(b[j])) * c;
+    oa[j] = static_cast<scalar_t>((ta[j] - ca[j] + inv) * g);
+    ob[j] = static_cast<scalar_t>((tb[j] - cb[j] - inv) * g);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void pair_grad_run(const scalar_t* __restrict a, const scalar_t* __restrict b, const acc_t* __restrict ta,
+                          const acc_t* __restrict tb, acc_t ca, acc_t cb, acc_t g, acc_t c, scalar_t* __restrict oa,
+                          scalar_t* __restrict ob, int64_t len) {
+  for (int64_t i = 0; i < len; ++i) {
+    const acc_t inv = (static_cast<acc_t>(a[i]) - static_cast<acc_t>(b[i])) * c;
+    oa[i] = static_cast<scalar_t>((ta[i] - ca + inv) * g);
+    ob[i] = static_cast<scalar_t>((tb[i] - cb - inv) * g);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void pair_grads(const acc_t* Ta, const acc_t* Tb, int64_t ldt, const acc_t* ca, const acc_t* cb, acc_t g, acc_t c,
+                const scalar_t* za, const scalar_t* zb, scalar_t* oa, scalar_t* ob, const Shape& sh, int64_t s0,
+                int64_t count, int64_t j0, int64_t j1) {
+  const int64_t d = sh.d;
+  if (sh.rows()) {
+    for (int64_t r = 0; r < count; ++r) {
+      const int64_t o = (s0 + r) * d + j0;
+      pair_grad_row(za + o, zb + o, Ta + r * ldt, Tb + r * ldt, ca + j0, cb + j0, g, c, oa + o, ob + o, j1 - j0);
+    }
+    return;
+  }
+  for_each_run(sh, s0, count, [&](int64_t b, int64_t l, int64_t r, int64_t len) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t o = (b * d + j) * sh.L + l, t = (j - j0) * ldt + r;
+      pair_grad_run(za + o, zb + o, Ta + t, Tb + t, ca[j], cb[j], g, c, oa + o, ob + o, len);
+    }
+  });
+}
+
+// The pair apply's operands for one branch: G in acc_t, the shift K' = mu rounded to acc_t, and
+// the image c = (mu - K')^T G of that rounding (zero, and not computed, where mu is in acc_t already).
+template <typename acc_t>
+struct PairBranch {
+  at::Tensor G;
+  std::vector<acc_t> K, c;
+};
+
+template <typename acc_t>
+PairBranch<acc_t> pair_branch(const at::Tensor& G_in, const at::Tensor& mu_in) {
+  PairBranch<acc_t> p;
+  p.G = G_in.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+  const at::Tensor mu = mu_in.to(at::kDouble).contiguous();
+  const double* mu64 = mu.const_data_ptr<double>();
+  const int64_t d = mu.numel();
+  p.K.resize(d);
+  std::vector<double> e(d);
+  bool rounded = false;
+  for (int64_t j = 0; j < d; ++j) {
+    p.K[j] = static_cast<acc_t>(mu64[j]);
+    e[j] = mu64[j] - static_cast<double>(p.K[j]);
+    rounded = rounded || e[j] != 0.0;
+  }
+  p.c = rounded ? shift_correction(e.data(), p.G.template const_data_ptr<acc_t>(), d) : std::vector<acc_t>(d, acc_t(0));
+  return p;
+}
+
+// grad_a, grad_b (contiguous like za3) of the pair apply. Both branches' samples are gathered
+// shifted, panel by panel (one panel where each branch's is within kPanelMaxBytes); each panel's
+// tasks are (feature block x sample block) products of both branches, each writing both gradients.
+template <typename scalar_t>
+void apply_pair(const Shape& sh, const scalar_t* za, const scalar_t* zb, const PairBranch<at::opmath_type<scalar_t>>& A,
+                const PairBranch<at::opmath_type<scalar_t>>& B, at::opmath_type<scalar_t> g,
+                at::opmath_type<scalar_t> c, scalar_t* oa, scalar_t* ob) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t d = sh.d, n = sh.n, elem = sizeof(acc_t);
+  int64_t len = n * d * elem <= kPanelMaxBytes ? n : std::max(kMinApplySamples, kPanelMaxBytes / (d * elem));
+  len = ceil_div(n, ceil_div(n, len));  // equal panels
+  // Column blocks of G against sample blocks (the top comment says why), at least kMinApplyTasks
+  // tasks per panel where the shape allows.
+  int64_t nf = ceil_div(d, kPairFeatures), ns = ceil_div(len, kPairSamples);
+  if (nf * ns < kMinApplyTasks) {
+    ns = std::clamp<int64_t>(ceil_div(kMinApplyTasks, nf), 1, std::max<int64_t>(1, len / kMinApplySamples));
+  }
+  if (nf * ns < kMinApplyTasks) nf = std::min(ceil_div(kMinApplyTasks, ns), std::max<int64_t>(1, d / 32));
+  const std::vector<int64_t> fe = block_edges(d, nf);
+  nf = static_cast<int64_t>(fe.size()) - 1;
+  int64_t wf = 0;
+  for (int64_t f = 0; f < nf; ++f) wf = std::max(wf, fe[f + 1] - fe[f]);
+  const int64_t ls = ceil_div(len, ns);
+  acc_t* Pa = scratch<acc_t>(Scratch::kGramPanel, 2 * len * d);
+  acc_t* Pb = Pa + len * d;
+  acc_t* T_all = scratch<acc_t>(Scratch::kApply, at::get_num_threads() * 2 * ls * wf);
+  const acc_t *Ga = A.G.template const_data_ptr<acc_t>(), *Gb = B.G.template const_data_ptr<acc_t>();
+  for (int64_t s0 = 0; s0 < n; s0 += len) {
+    const int64_t cnt = std::min(len, n - s0), ld = sh.rows() ? d : cnt;
+    // The gather is elementwise: its split changes no result. Whole rows in "rows" (contiguous
+    // reads), feature blocks in "bdl" (each feature's samples are a run).
+    if (sh.rows()) {
+      parallel_tasks(ceil_div(cnt, kGatherRows), [&](int64_t q) {
+        const int64_t r0 = q * kGatherRows, k = std::min(kGatherRows, cnt - r0);
+        gather_shifted<false>(za, sh, s0 + r0, k, 0, d, A.K.data(), Pa + r0 * ld, ld, nullptr);
+        gather_shifted<false>(zb, sh, s0 + r0, k, 0, d, B.K.data(), Pb + r0 * ld, ld, nullptr);
+      });
+    } else {
+      parallel_tasks(ceil_div(d, kGatherFeatures), [&](int64_t f) {
+        const int64_t j0 = f * kGatherFeatures, j1 = std::min(d, j0 + kGatherFeatures);
+        gather_shifted<false>(za, sh, s0, cnt, j0, j1, A.K.data(), Pa, ld, nullptr);
+        gather_shifted<false>(zb, sh, s0, cnt, j0, j1, B.K.data(), Pb, ld, nullptr);
+      });
+    }
+    const int64_t nsp = ceil_div(cnt, ls);
+    parallel_tasks(nf * nsp, [&](int64_t q) {
+      acc_t* Ta = T_all + at::get_thread_num() * 2 * ls * wf;
+      acc_t* Tb = Ta + ls * wf;
+      const int64_t j0 = fe[q / nsp], w = fe[q / nsp + 1] - j0;
+      const int64_t r0 = (q % nsp) * ls, k = std::min(ls, cnt - r0);
+      const int64_t ldt = sh.rows() ? w : k;
+      for (int br = 0; br < 2; ++br) {
+        const acc_t* P = br == 0 ? Pa : Pb;
+        const acc_t* G = br == 0 ? Ga : Gb;
+        acc_t* T = br == 0 ? Ta : Tb;
+        if (sh.rows()) {
+          gemm(false, P + r0 * ld, ld, false, G + j0, d, T, ldt, k, w, d);  // P[s, :] G[:, f]
+        } else {
+          gemm(true, G + j0, d, false, P + r0, ld, T, ldt, w, k, d);  // (G^T)[f, :] (P^T)[:, s]
+        }
+      }
+      pair_grads(Ta, Tb, ldt, A.c.data(), B.c.data(), g, c, za, zb, oa, ob, sh, s0 + r0, k, j0, j0 + w);
+    });
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> vicreg_pair_apply_cpu(const at::Tensor& g_t, const at::Tensor& za3,
+                                                         const at::Tensor& zb3, const at::Tensor& G_a,
+                                                         const at::Tensor& mu_a, const at::Tensor& G_b,
+                                                         const at::Tensor& mu_b, const at::Tensor& c_t) {
+  check_pair_apply_args(g_t, za3, zb3, G_a, mu_a, G_b, mu_b, c_t);
+  // Allocated before the operands' temporaries, as prepare_apply's output (its comment says why).
+  at::Tensor out_a = at::empty(za3.sizes(), za3.options()), out_b = at::empty(zb3.sizes(), zb3.options());
+  if (num_samples(za3) == 0) return {out_a, out_b};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, za3.scalar_type(), "vicreg_pair_apply_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const PairBranch<acc_t> A = pair_branch<acc_t>(G_a, mu_a), B = pair_branch<acc_t>(G_b, mu_b);
+    apply_pair<scalar_t>(shape_of(za3), za3.const_data_ptr<scalar_t>(), zb3.const_data_ptr<scalar_t>(), A, B,
+                         static_cast<acc_t>(g_t.item<double>()), static_cast<acc_t>(c_t.item<double>()),
+                         out_a.mutable_data_ptr<scalar_t>(), out_b.mutable_data_ptr<scalar_t>());
+  });
+  return {out_a, out_b};
+}
+
 }  // namespace
 }  // namespace vcreg
 
@@ -1137,4 +1527,6 @@ TORCH_LIBRARY_IMPL(vcreg, CPU, m) {
   m.impl("backward_kernel", &vcreg::vcreg_backward_cpu);
   m.impl("stats_kernel", &vcreg::vcreg_stats_cpu);
   m.impl("apply_kernel", &vcreg::vcreg_apply_cpu);
+  m.impl("pair_stats_kernel", &vcreg::vicreg_pair_stats_cpu);
+  m.impl("pair_apply_kernel", &vcreg::vicreg_pair_apply_cpu);
 }

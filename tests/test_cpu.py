@@ -1,6 +1,8 @@
 """What only the cpu backend has (csrc/vcreg_cpu.cpp): its plans, chosen by n, d and delta,
-results independent of the thread count, and scratch memory kept between calls. Its kernels are
-tested with every backend's in test_kernels.py and through the op in test_backends.py.
+results independent of the thread count, and scratch memory kept between calls; and its VICReg
+pair kernels (the other backends compose their halves). Its kernels are tested with every
+backend's in test_kernels.py, through the op in test_backends.py, and through the loss in
+test_vicreg.py.
 """
 import os
 
@@ -10,7 +12,8 @@ import torch
 from conftest import assert_within, dtype_id, floor_scale, make_x3, rel_err
 from vcreg_kernels import _extension
 from vcreg_kernels._params import Params
-from vcreg_kernels.reference import vcreg_backward_reference, vcreg_stats_reference
+from vcreg_kernels.reference import (accumulate_dtype, gradient_matrix_, vcreg_backward_reference,
+                                     vcreg_stats_reference, vicreg_pair_apply_reference, vicreg_pair_stats_reference)
 
 # Only a build that opted out of the extension may go without these kernels: anywhere else a
 # missing CPU kernel must fail these tests, not skip them.
@@ -107,4 +110,150 @@ def test_outputs_do_not_share_scratch(dtype, size):
     torch.ops.vcreg.stats_kernel(x_b)
     torch.ops.vcreg.backward_kernel(x_b, x_b, 0.5, 0.2, 1e-4, 2.0, None)
     for t, k in zip((mu_a, M2_a, gx_a, terms_a), kept):
+        assert torch.equal(t, k)
+
+
+# --- the VICReg pair kernels (vcreg::pair_stats_kernel, pair_apply_kernel) ----------------------
+# Against the reference backend's pair kernels, which state their semantics. (B, d, L) reaching
+# every plan: the pair panel (both branches gathered at once; d < 128 where grouped does not
+# apply, uneven tiles, bdl runs across slabs), and branch by branch with a separate invariance
+# pass: grouped (rows, bdl) and streamed, whose apply takes two panels (the bdl one splits a slab).
+PAIR_SPLITS = [(300, 37, 1), (1031, 257, 1), (3, 257, 37), (16, 130, 49), (20000, 100, 1), (8, 96, 1300),
+               (30000, 300, 1), (13, 300, 2500), (2, 1, 3)]
+
+
+def make_pair3(B, d, L, dtype, mean=0.0):
+    """Canonical z_a3, z_b3 = z_a3 + noise (make_x3's features, the noise half their spread)."""
+    za = make_x3(B, d, L, torch.float64, mean)
+    zb = za + 0.5 * torch.randn(za.shape, dtype=torch.float64)
+    return za.to(dtype), zb.to(dtype)
+
+
+def pair_apply_operands(za3, zb3, mu_dtype):
+    """(g, G_a, mu_a, G_b, mu_b, c) as the loss's forward makes them (G at gamma = 1.5, std_coeff
+    = 25, cov_coeff = 1), mu in mu_dtype."""
+    n, d = za3.shape[0] * za3.shape[2], za3.shape[1]
+    acc = accumulate_dtype(za3.dtype)
+    mu_a, M2_a, mu_b, M2_b, _ = vicreg_pair_stats_reference(za3.double(), zb3.double())
+    params = Params(12.5, d - 1.0, 1e-4, 1.5)
+    G_a, G_b = (gradient_matrix_(M2, n, params)[0].to(acc) for M2 in (M2_a, M2_b))
+    return (torch.tensor(2.5, dtype=acc), G_a, mu_a.to(mu_dtype), G_b, mu_b.to(mu_dtype),
+            torch.tensor(50.0 / (n * d), dtype=acc))
+
+
+@pytest.mark.parametrize("size", PAIR_SPLITS, ids=split_id)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=dtype_id)
+def test_pair_kernels_match_the_reference(size, dtype):
+    za3, zb3 = make_pair3(*size, dtype, mean=100.0)
+    n = size[0] * size[2]
+    acc = accumulate_dtype(dtype)
+    fs = floor_scale(za3, dtype)
+    got = torch.ops.vcreg.pair_stats_kernel(za3, zb3)
+    want = vicreg_pair_stats_reference(za3.double(), zb3.double())
+    plain = vicreg_pair_stats_reference(za3, zb3)
+    assert [t.dtype for t in got] == [acc] * 5 and got[4].shape == ()
+    assert torch.equal(got[1], got[1].T) and torch.equal(got[3], got[3].T)
+    for i, what in ((0, "mu_a"), (2, "mu_b")):
+        # mu on the spread's scale (a relative error against |mu| = 100 would hide it)
+        scale = want[i + 1].diagonal().sum().sqrt().item() / max(n - 1, 1) ** 0.5
+        assert_within(rel_err(got[i], want[i], scale), rel_err(plain[i], want[i], scale), "cpu", dtype, "cpu", what, fs)
+    for i, what in ((1, "M2_a"), (3, "M2_b"), (4, "invariance sum")):
+        assert_within(rel_err(got[i], want[i]), rel_err(plain[i], want[i]), "cpu", dtype, "cpu", what, fs)
+    # The apply with mu in the accumulate dtype (as the loss passes it) and, for float32, in
+    # float64: the shift is mu rounded to float32 and the rounding's image corrected.
+    for mu_dtype in [acc] + ([torch.float64] if dtype == torch.float32 else []):
+        ops = pair_apply_operands(za3, zb3, mu_dtype)
+        args = (ops[0], za3, zb3, *ops[1:])
+        ga, gb = torch.ops.vcreg.pair_apply_kernel(*args)
+        wa, wb = vicreg_pair_apply_reference(*(t.double() for t in args))
+        pa, pb = vicreg_pair_apply_reference(*(t.to(acc) if t.dtype == torch.float64 else t for t in args))
+        for got_g, w, p, what in ((ga, wa, pa, "grad_a"), (gb, wb, pb, "grad_b")):
+            assert got_g.dtype == dtype and got_g.shape == za3.shape and got_g.is_contiguous()
+            assert_within(rel_err(got_g, w), rel_err(p, w), "cpu", dtype, "cpu", f"{what} (mu {mu_dtype})", fs)
+
+
+PAIR_PLANS = {"rows-panel": (256, 512, 1), "bdl-panel": (16, 130, 49), "rows-grouped": (20000, 100, 1),
+              "bdl-grouped": (8, 96, 1300), "rows-streamed": (30000, 300, 1), "bdl-streamed": (13, 300, 2500)}
+
+
+@pytest.mark.parametrize("size", PAIR_PLANS.values(), ids=PAIR_PLANS.keys())
+def test_pair_kernels_bitwise_repeatable_and_thread_count_independent(size):
+    za3, zb3 = make_pair3(*size, torch.float32, mean=50.0)
+    ops = pair_apply_operands(za3, zb3, torch.float32)
+
+    def run():
+        return (*torch.ops.vcreg.pair_stats_kernel(za3, zb3), *torch.ops.vcreg.pair_apply_kernel(ops[0], za3, zb3, *ops[1:]))
+
+    first, second = run(), run()
+    threads = torch.get_num_threads()
+    others = []
+    try:
+        for count in (1, 3, 8):  # more threads than cores is fine: the split must not care
+            torch.set_num_threads(count)
+            others.append(run())
+    finally:
+        torch.set_num_threads(threads)
+    for outputs in [second] + others:
+        for a, b in zip(first, outputs):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("size", [(300, 7, 1), (3, 7, 37), (20000, 100, 1)], ids=split_id)
+def test_pair_kernels_nonfinite_propagate(size):
+    """A NaN in z_a reaches mu_a, its row and column of M2_a, the invariance sum, the whole row of
+    grad_a (through G_a) and its own element of grad_b, as the reference's."""
+    za3, zb3 = make_pair3(*size, torch.float32)
+    ops = pair_apply_operands(za3, zb3, torch.float32)
+    za3[1, 2, 0] = float("nan")
+    got = torch.ops.vcreg.pair_stats_kernel(za3, zb3)
+    want = vicreg_pair_stats_reference(za3.double(), zb3.double())
+    for g, w in zip(got, want):
+        assert torch.equal(g.isnan(), w.isnan())
+    assert got[4].isnan() and got[1].isnan().any() and not got[3].isnan().any()
+    args = (ops[0], za3, zb3, *ops[1:])
+    for g, w in zip(torch.ops.vcreg.pair_apply_kernel(*args), vicreg_pair_apply_reference(*args)):
+        assert torch.equal(g.isnan(), w.isnan()) and g.isnan().any()
+
+
+def test_pair_kernels_bad_arguments():
+    """What the pair kernels assert of their operands (the messages of reference._check_pair and
+    csrc/vcreg_common.h)."""
+    stats, apply = torch.ops.vcreg.pair_stats_kernel, torch.ops.vcreg.pair_apply_kernel
+    z = torch.randn(4, 3, 5)
+    G, mu, s = torch.randn(3, 3), torch.randn(3), torch.tensor(1.0)
+    with pytest.raises(RuntimeError, match="the branches differ"):
+        stats(z, torch.randn(4, 3, 6))
+    with pytest.raises(RuntimeError, match="the branches differ"):
+        stats(z, z.double())
+    with pytest.raises(RuntimeError, match="z_b must be a contiguous canonical"):
+        stats(z, z.transpose(1, 2).contiguous().transpose(1, 2))
+    with pytest.raises(RuntimeError, match="floating point"):
+        stats(z.int(), z.int())
+    with pytest.raises(ValueError, match="no samples"):
+        stats(torch.randn(0, 3, 1), torch.randn(0, 3, 1))
+    with pytest.raises(RuntimeError, match="the branches differ"):
+        apply(s, z, torch.randn(4, 3, 6), G, mu, G, mu, s)
+    with pytest.raises(RuntimeError, match="G must be"):
+        apply(s, z, z, torch.randn(3, 4), mu, G, mu, s)
+    with pytest.raises(RuntimeError, match="mu must be"):
+        apply(s, z, z, G, mu, G, torch.randn(4), s)
+    with pytest.raises(RuntimeError, match="c must be a one-element floating point tensor"):
+        apply(s, z, z, G, mu, G, mu, torch.ones(2))
+    with pytest.raises(RuntimeError, match="g must be a one-element floating point tensor"):
+        apply(torch.tensor(1), z, z, G, mu, G, mu, s)
+    empty = torch.randn(0, 3, 1)  # no samples: no gradient to write
+    assert all(g.shape == empty.shape for g in apply(s, empty, empty, G, mu, G, mu, s))
+
+
+@pytest.mark.parametrize("size", [(4, 9, 33), (300, 7, 1), (20000, 100, 1)], ids=split_id)
+def test_pair_outputs_do_not_share_scratch(size):
+    # The pair kernels gather into per-thread scratch kept between calls; nothing they return may live in it.
+    za3, zb3 = make_pair3(*size, torch.float32)
+    ops = pair_apply_operands(za3, zb3, torch.float32)
+    out = (*torch.ops.vcreg.pair_stats_kernel(za3, zb3), *torch.ops.vcreg.pair_apply_kernel(ops[0], za3, zb3, *ops[1:]))
+    kept = [t.clone() for t in out]
+    xa3, xb3 = make_pair3(*size, torch.float32, mean=3.0)
+    torch.ops.vcreg.pair_stats_kernel(xa3, xb3)
+    torch.ops.vcreg.pair_apply_kernel(ops[0], xa3, xb3, *ops[1:])
+    for t, k in zip(out, kept):
         assert torch.equal(t, k)

@@ -121,7 +121,7 @@ def test_composed_halves_equal_the_fused_pair_kernels():
     run on the reference halves, against the reference backend's own pair kernels."""
     record = dispatch.backend("reference")
     assert record.pair_stats is reference.vicreg_pair_stats_reference
-    assert dispatch.backend("cpu").pair_stats is None  # composed: csrc/ has no pair kernels
+    assert dispatch.backend("cuda").pair_stats is None  # composed: csrc/cuda/ has no pair kernels
     z_a, z_b = (z.view(5, 8, 12).transpose(1, 2).contiguous() for z in make_pair((40, 12), mean=3.0))  # bdl
     want = record.run_pair_stats(z_a, z_b)
     got = reference.pair_stats_of_halves(record.stats, z_a, z_b)
@@ -295,7 +295,7 @@ def _peak_bytes(fn):
 
 @pytest.mark.parametrize("backend", [b for b in ("reference", "cpu") if b in dispatch.available_backends("cpu")])
 def test_dxd_memory_is_G_per_branch(backend):
-    n, d = 16, 512  # d x d float32: 1 MiB; n x d: 32 KiB
+    n, d = 64, 512  # d x d float32: 1 MiB; n x d: 128 KiB
     z_a, z_b = (z.requires_grad_() for z in make_pair((n, d), dtype=torch.float32))
     vcreg_kernels.set_backend(backend)
     try:
@@ -305,9 +305,12 @@ def test_dxd_memory_is_G_per_branch(backend):
     finally:
         vcreg_kernels.set_backend("auto")
     dxd, nxd = 4 * d * d, 4 * n * d
-    # G_a, G_b (M2_b while G_a exists), a few n x d (gradients, the invariance part, the
-    # reference's centred copies) and d-vectors; a third d x d temporary would add 1 MiB.
-    assert peak < 2 * dxd + 8 * nxd + 64 * d, f"peak {peak / dxd:.2f} d x d"
+    # G_a, G_b (M2_b while G_a exists), the two gradients and d-vectors; a third d x d temporary
+    # would add 1 MiB. The reference's pair kernels also hold n x d temporaries (centred copies,
+    # the invariance part); the cpu backend's none beyond the gradients (its panels are scratch
+    # kept between calls, allocated by the warm-up).
+    temporaries = {"reference": 6, "cpu": 0}[backend]
+    assert peak < 2 * dxd + (2 + temporaries) * nxd + 64 * d, f"peak {peak / dxd:.2f} d x d, {peak / nxd:.2f} n x d"
 
 
 # --- bad input (SPEC section 5) ---------------------------------------------------------------

@@ -18,6 +18,9 @@
 * ``vcreg::backward_kernel(grad_y3, x3, ...) -> (grad_x3, terms)``: the compiled backends' op on
   canonical (B, d, L) views, with CPU and CUDA kernels registered from csrc/; and its two halves
   ``vcreg::stats_kernel(x3) -> (mu, M2)`` and ``vcreg::apply_kernel(grad_y3, x3, G, mu) -> grad_x3``.
+* ``vcreg::pair_stats_kernel(za3, zb3)`` and ``vcreg::pair_apply_kernel(g, za3, zb3, G_a, mu_a, G_b, mu_b, c)``:
+  the VICReg loss's fused pair kernels (``dispatch.Backend``'s pair_stats, pair_apply), a CPU kernel
+  registered from csrc/vcreg_cpu.cpp.
 """
 from __future__ import annotations
 
@@ -42,6 +45,12 @@ _lib.define(
 # between them: (mu, M2 = Xc^T Xc) of x3, and grad_y3 + (X - mu) @ G.
 _lib.define("stats_kernel(Tensor x) -> (Tensor, Tensor)")
 _lib.define("apply_kernel(Tensor grad_y, Tensor x, Tensor G, Tensor mu) -> Tensor")
+# The VICReg loss's pair kernels (vicreg.py; dispatch.Backend's pair_stats and pair_apply, with
+# their semantics in reference.vicreg_pair_stats_reference and vicreg_pair_apply_reference):
+# (mu_a, M2_a, mu_b, M2_b, sum (Z_a - Z_b)^2) of two canonical branches, and both gradients.
+_lib.define("pair_stats_kernel(Tensor za, Tensor zb) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+_lib.define("pair_apply_kernel(Tensor g, Tensor za, Tensor zb, Tensor Ga, Tensor mua, Tensor Gb, Tensor mub, "
+            "Tensor c) -> (Tensor, Tensor)")
 
 
 def _backward(grad_y, x, params: Params, dim, group, scale="exact"):

@@ -16,7 +16,8 @@ and, for the VICReg loss (``vicreg.py``) on two branches za3, zb3 of one shape a
 With no fused ``backward`` the halves are composed around ``reference.gradient_matrix``; the
 cross-rank mode (``distributed.py``) always composes them, all-reducing the statistics between.
 With no pair kernels they are composed too (``reference.pair_stats_of_halves``,
-``pair_apply_of_halves``). A backend keeps a fused kernel only where it is faster than that composition.
+``pair_apply_of_halves``): cuda and triton; the cpu backend has its own (``vcreg::pair_stats_kernel``,
+``vcreg::pair_apply_kernel``), as the reference. A backend keeps a fused kernel only where it is faster than that composition.
 
 | backend   | tensors                                      | code                                    |
 | --------- | -------------------------------------------- | --------------------------------------- |
@@ -146,18 +147,29 @@ def _compiled_backward(gy3: torch.Tensor, x3: torch.Tensor, params: Params):
     return torch.ops.vcreg.backward_kernel(gy3, x3, *params.values())
 
 
-def _compiled(key: str) -> Backend:
+def _compiled_pair_stats(za3: torch.Tensor, zb3: torch.Tensor):
+    return torch.ops.vcreg.pair_stats_kernel(za3, zb3)
+
+
+def _compiled_pair_apply(g, za3, zb3, G_a, mu_a, G_b, mu_b, c):
+    return torch.ops.vcreg.pair_apply_kernel(g, za3, zb3, G_a, mu_a, G_b, mu_b, c)
+
+
+def _compiled(key: str, pairs: bool = False) -> Backend:
     # vcreg::*_kernel, whose CPU and CUDA kernels register under their dispatch keys (csrc/). Looked
-    # up at call time: _ops defines the schemas after importing this module.
+    # up at call time: _ops defines the schemas after importing this module. ``pairs``: the key has
+    # the VICReg pair kernels (CPU only; the CUDA key composes its halves).
     return Backend(key, _compiled_unavailable(key), lambda x3: torch.ops.vcreg.stats_kernel(x3),
-                   lambda gy3, x3, G, mu: torch.ops.vcreg.apply_kernel(gy3, x3, G, mu), _compiled_backward)
+                   lambda gy3, x3, G, mu: torch.ops.vcreg.apply_kernel(gy3, x3, G, mu), _compiled_backward,
+                   pair_stats=_compiled_pair_stats if pairs else None,
+                   pair_apply=_compiled_pair_apply if pairs else None)
 
 
 _RECORDS: dict[str, Backend] = {
     "triton": Backend("triton", _triton_unavailable, _lazy(".triton_kernels", "vcreg_stats_triton"),
                       _lazy(".triton_kernels", "vcreg_apply_triton"), _lazy(".triton_kernels", "vcreg_backward_triton")),
     "cuda": _compiled("cuda"),
-    "cpu": _compiled("cpu"),
+    "cpu": _compiled("cpu", pairs=True),
     "reference": Backend("reference", lambda device_type: None, vcreg_stats_reference, vcreg_apply_reference,
                          pair_stats=vicreg_pair_stats_reference, pair_apply=vicreg_pair_apply_reference),
 }
