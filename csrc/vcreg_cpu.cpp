@@ -57,16 +57,17 @@
 //     grouped.
 //
 // Pair kernels: one pass over each branch for the statistics, one pass writing both gradients.
-//   pair_stats, panel plan (each branch's panel within kPanelMaxBytes): both branches' centred
-//     panels from one parallel gather that reads each value once and also sums (Z_a - Z_b)^2 in
-//     the accumulate dtype (as the column sums: kSumBlock values per partial sum, then float64,
-//     features added in order); the Gram products of both branches in one parallel region,
-//     straight into the returned M2s. Other plans: each branch on its own, the invariance sum
-//     one more pass over fixed chunks.
+//   pair_stats, where the panel plan applies and both panels together are within kPanelMaxBytes:
+//     both branches' centred panels from one parallel gather that reads each value once from
+//     memory and also sums (Z_a - Z_b)^2 in the accumulate dtype (as the column sums: kSumBlock
+//     values per partial sum, then float64, features added in order); the Gram products of both
+//     branches in one parallel region, straight into the returned M2s. Elsewhere each branch
+//     takes its own plan (one panel, reused) and the invariance sum is one more pass over fixed
+//     chunks: two 19.7 MB panels gathered at once (6400 x 768) ran 10% slower than one reused.
 //   pair_apply: both branches gathered as X - 1 K'^T (K' = mu rounded to the accumulate dtype;
 //     the rounding's image corrected as in the apply above, and not computed where mu is in the
-//     accumulate dtype already, as the loss passes it), every sample at once where each panel is
-//     within kPanelMaxBytes, else in super-panels of that size. Tasks: (column block of G x
+//     accumulate dtype already, as the loss passes it), every sample at once where both panels
+//     are within kPanelMaxBytes, else in super-panels of that size. Tasks: (column block of G x
 //     sample block) products of both branches, each writing both gradients from one read of
 //     both branches' values, the difference formed in the accumulate dtype and multiplied by g
 //     before the rounding to z's dtype; no n x d temporary but the panels' scratch. Blocks of up
@@ -83,8 +84,8 @@
 // products: row blocks I and nb-1-I of the triangle make one task, of equal work (per branch in
 // pair_stats); their applies: (feature block x sample block) products, whole rows in the "rows"
 // layout. The d x d and n x n passes: fixed 64 x 64 tiles, in parallel from 256 on.
-// Temporaries (the panel, up to kPanelMaxBytes, one per branch in the pair kernels; a d x d or
-// n x n matrix) are per-thread scratch reused across calls.
+// Temporaries (the panel, up to kPanelMaxBytes, the pair kernels' two panels within it together;
+// a d x d or n x n matrix) are per-thread scratch reused across calls.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -1178,48 +1179,31 @@ std::tuple<at::Tensor, at::Tensor> vcreg_backward_cpu(const at::Tensor& gy3, con
 // ---------------------------------------------------------------------------------------------
 // The VICReg pair kernels (SPEC section 9; the top comment's "Pair kernels").
 
-// One sample row of the pair gather: pa = a - ka, pb = b - kb over w features, their sums into sa,
-// sb and the squares of a - b into si, every value formed in acc_t from the one read of a and b.
+// sum (a - b)^2 over a row of w features, added to part (w).
 template <typename scalar_t, typename acc_t>
-inline void pair_row(const scalar_t* __restrict a, const scalar_t* __restrict b, const acc_t* __restrict ka,
-                     const acc_t* __restrict kb, acc_t* __restrict pa, acc_t* __restrict pb, int64_t w,
-                     acc_t* __restrict sa, acc_t* __restrict sb, acc_t* __restrict si) {
+inline void invariance_row(const scalar_t* __restrict a, const scalar_t* __restrict b, int64_t w,
+                           acc_t* __restrict part) {
   for (int64_t j = 0; j < w; ++j) {
-    const acc_t x = static_cast<acc_t>(a[j]), y = static_cast<acc_t>(b[j]);
-    const acc_t u = x - ka[j], v = y - kb[j], t = x - y;
-    pa[j] = u;
-    pb[j] = v;
-    sa[j] += u;
-    sb[j] += v;
-    si[j] += t * t;
+    const acc_t t = static_cast<acc_t>(a[j]) - static_cast<acc_t>(b[j]);
+    part[j] += t * t;
   }
 }
 
-// The same along one feature's run of len samples ("bdl"), lane u taking the values at u mod kLanes.
+// sum (a - b)^2 along one feature's run of len samples ("bdl") into lanes, lane u taking the
+// values at u mod kLanes (shift_run's order).
 template <typename scalar_t, typename acc_t>
-inline void pair_run(const scalar_t* __restrict a, const scalar_t* __restrict b, acc_t ka, acc_t kb,
-                     acc_t* __restrict pa, acc_t* __restrict pb, int64_t len, acc_t* __restrict la,
-                     acc_t* __restrict lb, acc_t* __restrict li) {
+inline void invariance_run(const scalar_t* __restrict a, const scalar_t* __restrict b, int64_t len,
+                           acc_t* __restrict lane) {
   int64_t i = 0;
   for (; i + kLanes <= len; i += kLanes) {
     for (int u = 0; u < kLanes; ++u) {
-      const acc_t x = static_cast<acc_t>(a[i + u]), y = static_cast<acc_t>(b[i + u]);
-      const acc_t v = x - ka, w = y - kb, t = x - y;
-      pa[i + u] = v;
-      pb[i + u] = w;
-      la[u] += v;
-      lb[u] += w;
-      li[u] += t * t;
+      const acc_t t = static_cast<acc_t>(a[i + u]) - static_cast<acc_t>(b[i + u]);
+      lane[u] += t * t;
     }
   }
   for (int u = 0; i < len; ++i, ++u) {
-    const acc_t x = static_cast<acc_t>(a[i]), y = static_cast<acc_t>(b[i]);
-    const acc_t v = x - ka, w = y - kb, t = x - y;
-    pa[i] = v;
-    pb[i] = w;
-    la[u] += v;
-    lb[u] += w;
-    li[u] += t * t;
+    const acc_t t = static_cast<acc_t>(a[i]) - static_cast<acc_t>(b[i]);
+    lane[u] += t * t;
   }
 }
 
@@ -1232,19 +1216,16 @@ void gather_pair(const scalar_t* za, const scalar_t* zb, const Shape& sh, int64_
                  const acc_t* Kb, acc_t* Pa, acc_t* Pb, int64_t ldp, double* Sa, double* Sb, double* inv) {
   const int64_t d = sh.d, w = j1 - j0;
   if (sh.rows()) {
-    std::vector<acc_t> part(3 * w, acc_t(0));
-    acc_t *sa = part.data(), *sb = sa + w, *si = sb + w;
-    for (int64_t r = 0; r < sh.n; ++r) {
-      pair_row(za + r * d + j0, zb + r * d + j0, Ka + j0, Kb + j0, Pa + r * ldp + j0, Pb + r * ldp + j0, w, sa, sb,
-               si);
-      if ((r + 1) % kSumBlock == 0 || r + 1 == sh.n) {
-        for (int64_t j = 0; j < w; ++j) {
-          Sa[j0 + j] += sa[j];
-          Sb[j0 + j] += sb[j];
-          inv[j0 + j] += si[j];
-        }
-        std::fill(part.begin(), part.end(), acc_t(0));
-      }
+    // kSumBlock rows at a time: each branch's gather_shifted (the same partial sums as one call
+    // over all rows), then the invariance sum over the rows just read, from cache.
+    std::vector<acc_t> part(w);
+    for (int64_t r0 = 0; r0 < sh.n; r0 += kSumBlock) {
+      const int64_t cnt = std::min(kSumBlock, sh.n - r0);
+      gather_shifted<true>(za, sh, r0, cnt, j0, j1, Ka, Pa + r0 * ldp, ldp, Sa);
+      gather_shifted<true>(zb, sh, r0, cnt, j0, j1, Kb, Pb + r0 * ldp, ldp, Sb);
+      std::fill(part.begin(), part.end(), acc_t(0));
+      for (int64_t r = r0; r < r0 + cnt; ++r) invariance_row(za + r * d + j0, zb + r * d + j0, w, part.data());
+      for (int64_t j = 0; j < w; ++j) inv[j0 + j] += part[j];
     }
     return;
   }
@@ -1256,9 +1237,13 @@ void gather_pair(const scalar_t* za, const scalar_t* zb, const Shape& sh, int64_
         prefetch(z + o + sh.L + 16, /*write=*/false);
       }
       for (int64_t i0 = 0; i0 < len; i0 += kLanes * kSumBlock) {
+        // Three loops over the same few KiB: the second read of each value comes from L1 (one
+        // loop over both branches' values and both panels ran at 0.7 of this speed).
+        const int64_t m = std::min(len - i0, kLanes * kSumBlock);
         acc_t la[kLanes] = {}, lb[kLanes] = {}, li[kLanes] = {};
-        pair_run(za + o + i0, zb + o + i0, Ka[j], Kb[j], Pa + j * ldp + r + i0, Pb + j * ldp + r + i0,
-                 std::min(len - i0, kLanes * kSumBlock), la, lb, li);
+        shift_run<true>(za + o + i0, Ka[j], Pa + j * ldp + r + i0, m, la);
+        shift_run<true>(zb + o + i0, Kb[j], Pb + j * ldp + r + i0, m, lb);
+        invariance_run(za + o + i0, zb + o + i0, m, li);
         Sa[j] += static_cast<double>(sum_lanes(la));
         Sb[j] += static_cast<double>(sum_lanes(lb));
         inv[j] += static_cast<double>(sum_lanes(li));
@@ -1301,6 +1286,12 @@ double invariance_sum(const scalar_t* a, const scalar_t* b, int64_t count) {
   return total;
 }
 
+// Where pair_stats gathers both branches at once (the top comment says why): the panel plan, with
+// both panels together within kPanelMaxBytes.
+bool use_pair_panel(int64_t n, int64_t d, int64_t elem_bytes) {
+  return gram_kind(n, d, elem_bytes) == GramKind::kPanel && 2 * n * d * elem_bytes <= kPanelMaxBytes;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vicreg_pair_stats_cpu(const at::Tensor& za3,
                                                                                               const at::Tensor& zb3) {
   check_pair_args(za3, zb3);
@@ -1319,7 +1310,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vicreg_pa
     std::vector<acc_t> K[2];
     std::vector<double> S[2];
     double inv = 0.0;
-    if (gram_kind(n, d, sizeof(acc_t)) == GramKind::kPanel) {
+    if (use_pair_panel(n, d, sizeof(acc_t))) {
       // Both branches' centred panels from one read of each, the invariance sum from the same
       // reads; each Q is M2 itself, computed in place in the returned tensor and mirrored below.
       for (int br = 0; br < 2; ++br) {
@@ -1347,10 +1338,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vicreg_pa
       for (const double v : inv_j) inv += v;
     } else {
       for (int br = 0; br < 2; ++br) {
-        const Moments<acc_t> mo = gram_moments<scalar_t>(br == 0 ? za3 : zb3);
+        const Moments<acc_t> mo = gram_moments<scalar_t>(br == 0 ? za3 : zb3, M2[br]);
         K[br] = mo.K;
         S[br] = mo.S;
-        centred_gram<false>(mo.Qd, S[br].data(), d, n, M2[br]);
+        if (mo.Qa != nullptr) {
+          centred_gram<true>(mo.Qa, S[br].data(), d, n, M2[br]);
+        } else {
+          centred_gram<false>(mo.Qd, S[br].data(), d, n, M2[br]);
+        }
       }
       inv = invariance_sum(z[0], z[1], n * d);
     }
@@ -1437,7 +1432,7 @@ PairBranch<acc_t> pair_branch(const at::Tensor& G_in, const at::Tensor& mu_in) {
 }
 
 // grad_a, grad_b (contiguous like za3) of the pair apply. Both branches' samples are gathered
-// shifted, panel by panel (one panel where each branch's is within kPanelMaxBytes); each panel's
+// shifted, panel by panel (one panel each where both fit in kPanelMaxBytes together); each panel's
 // tasks are (feature block x sample block) products of both branches, each writing both gradients.
 template <typename scalar_t>
 void apply_pair(const Shape& sh, const scalar_t* za, const scalar_t* zb, const PairBranch<at::opmath_type<scalar_t>>& A,
@@ -1445,7 +1440,8 @@ void apply_pair(const Shape& sh, const scalar_t* za, const scalar_t* zb, const P
                 at::opmath_type<scalar_t> c, scalar_t* oa, scalar_t* ob) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t d = sh.d, n = sh.n, elem = sizeof(acc_t);
-  int64_t len = n * d * elem <= kPanelMaxBytes ? n : std::max(kMinApplySamples, kPanelMaxBytes / (d * elem));
+  // Both branches' panels together within kPanelMaxBytes: the scratch pair_stats may keep.
+  int64_t len = std::max(kMinApplySamples, kPanelMaxBytes / (2 * d * elem));
   len = ceil_div(n, ceil_div(n, len));  // equal panels
   // Column blocks of G against sample blocks (the top comment says why), at least kMinApplyTasks
   // tasks per panel where the shape allows.

@@ -117,9 +117,11 @@ def test_outputs_do_not_share_scratch(dtype, size):
 # Against the reference backend's pair kernels, which state their semantics. (B, d, L) reaching
 # every plan: the pair panel (both branches gathered at once; d < 128 where grouped does not
 # apply, uneven tiles, bdl runs across slabs), and branch by branch with a separate invariance
-# pass: grouped (rows, bdl) and streamed, whose apply takes two panels (the bdl one splits a slab).
-PAIR_SPLITS = [(300, 37, 1), (1031, 257, 1), (3, 257, 37), (16, 130, 49), (20000, 100, 1), (8, 96, 1300),
-               (30000, 300, 1), (13, 300, 2500), (2, 1, 3)]
+# pass: the panel plan where the two panels together pass kPanelMaxBytes (float32: 5 x 1100 x 900),
+# grouped (rows, bdl) and streamed; the apply of those last three takes two panels (the bdl ones
+# split a slab).
+PAIR_SPLITS = [(300, 37, 1), (1031, 257, 1), (3, 257, 37), (16, 130, 49), (5, 1100, 900), (20000, 100, 1),
+               (8, 96, 1300), (30000, 300, 1), (13, 300, 2500), (2, 1, 3)]
 
 
 def make_pair3(B, d, L, dtype, mean=0.0):
@@ -172,7 +174,8 @@ def test_pair_kernels_match_the_reference(size, dtype):
             assert_within(rel_err(got_g, w), rel_err(p, w), "cpu", dtype, "cpu", f"{what} (mu {mu_dtype})", fs)
 
 
-PAIR_PLANS = {"rows-panel": (256, 512, 1), "bdl-panel": (16, 130, 49), "rows-grouped": (20000, 100, 1),
+PAIR_PLANS = {"rows-panel": (256, 512, 1), "bdl-panel": (16, 130, 49), "rows-panel-by-branch": (4500, 1100, 1),
+              "rows-grouped": (20000, 100, 1),
               "bdl-grouped": (8, 96, 1300), "rows-streamed": (30000, 300, 1), "bdl-streamed": (13, 300, 2500)}
 
 
