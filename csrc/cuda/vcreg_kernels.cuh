@@ -542,9 +542,10 @@ epilogue_cols_kernel(const GY* __restrict__ gy, const A* __restrict__ PT, const 
 // Pa, Pb = (Z - mu) G of each branch (P^T in "bdl"), in A; the difference formed in A and
 // multiplied by g (a GradScaler's 2^16, say) before the one rounding to z's dtype T, so that the
 // ~1/(n d) parts do not underflow in float16. g, c, inv_scale: device scalars (inv_scale may be
-// null: 1). Four streams per element: kPairUnroll elements in flight per thread keep as many loads
-// in flight as the apply's epilogue, within 32 registers (sm_80). Pa may be grad_a itself (float32/float64 "rows": the product written straight into
-// the gradient), so neither carries __restrict__: each thread reads an element before writing it.
+// null: 1). Four streams per element: kPairUnroll elements per thread keep as many loads in
+// flight as the apply's epilogue, within the 32 registers ptxas gives these kernels on sm_80.
+// Pa may be grad_a itself (float32/float64 "rows": the product written straight into the
+// gradient), so neither carries __restrict__: each thread reads an element before writing it.
 
 template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads)
