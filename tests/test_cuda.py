@@ -2,7 +2,7 @@
 test_kernels.py (on a GPU) and through the op in test_backends.py.
 
 On a machine without a GPU this checks the registration: a build with FORCE_CUDA=1 must have
-registered the CUDA kernels of all three ops, and CI sets VCREG_EXPECT_CUDA=1 so that a build that
+registered the CUDA kernels of all five ops, and CI sets VCREG_EXPECT_CUDA=1 so that a build that
 silently came out CPU-only fails here.
 """
 import os
@@ -12,7 +12,7 @@ import torch
 
 from vcreg_kernels import _extension
 
-OPS = ("backward_kernel", "stats_kernel", "apply_kernel")
+OPS = ("backward_kernel", "stats_kernel", "apply_kernel", "pair_stats_kernel", "pair_apply_kernel")
 
 
 def _has_cuda_kernel(op: str) -> bool:

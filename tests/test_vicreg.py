@@ -7,14 +7,17 @@ autograd, bounded by conftest's rule (STYLE.md): a multiple of the error plain P
 the same dtype (here facebookresearch/vicreg's formula run in that dtype) plus the backend's floor,
 and SPEC section 6's bound for the dtype.
 """
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import vcreg_kernels
-from conftest import FLOOR, MULTIPLE, dtype_id, spec_bound
+from conftest import FLOOR, MULTIPLE, assert_within, dtype_id, floor_scale, make_x3, rel_err, spec_bound
 from vcreg_kernels import dispatch, reference
+from vcreg_kernels._params import Params
 from vcreg_kernels.reference import vicreg_loss_reference
 
 COEFFS = dict(sim_coeff=20.0, std_coeff=30.0, cov_coeff=2.0)
@@ -121,7 +124,6 @@ def test_composed_halves_equal_the_fused_pair_kernels():
     run on the reference halves, against the reference backend's own pair kernels."""
     record = dispatch.backend("reference")
     assert record.pair_stats is reference.vicreg_pair_stats_reference
-    assert dispatch.backend("cuda").pair_stats is None  # composed: csrc/cuda/ has no pair kernels
     z_a, z_b = (z.view(5, 8, 12).transpose(1, 2).contiguous() for z in make_pair((40, 12), mean=3.0))  # bdl
     want = record.run_pair_stats(z_a, z_b)
     got = reference.pair_stats_of_halves(record.stats, z_a, z_b)
@@ -133,6 +135,15 @@ def test_composed_halves_equal_the_fused_pair_kernels():
     for w, g in zip(record.run_pair_apply(*args), reference.pair_apply_of_halves(record.apply, *args)):
         assert g.is_contiguous() and w.is_contiguous() and g.shape == w.shape == z_a.shape
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["cpu", "cuda"])
+def test_compiled_backends_have_pair_kernels(name):
+    """Both keys of the compiled extension carry the pair ops (csrc/vcreg_cpu.cpp, csrc/cuda/vcreg_cuda.cu),
+    and their records call them rather than composing the halves."""
+    record = dispatch.backend(name)
+    assert record.pair_stats is dispatch._compiled_pair_stats
+    assert record.pair_apply is dispatch._compiled_pair_apply
 
 
 # --- float32, bfloat16, float16: SPEC section 6's bounds at |mu|/std = 100 --------------------
@@ -311,6 +322,193 @@ def test_dxd_memory_is_G_per_branch(backend):
     # kept between calls, allocated by the warm-up).
     temporaries = {"reference": 6, "cpu": 0}[backend]
     assert peak < 2 * dxd + (2 + temporaries) * nxd + 64 * d, f"peak {peak / dxd:.2f} d x d, {peak / nxd:.2f} n x d"
+
+
+# --- the cuda backend's pair kernels on a GPU ------------------------------------------------
+# vcreg::pair_stats_kernel and pair_apply_kernel called directly on canonical (B, d, L) tensors,
+# against the reference's pair kernels in float64. Sizes: rows and bdl; n = 2; rows and bdl runs
+# of the apply in several blocks of samples (csrc/cuda/vcreg_cuda.cu's kPairScratchBytes); sample
+# runs ending mid-tile.
+
+PAIR_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+PAIR_SIZES = [(2, 4, 1), (1031, 257, 1), (3000, 1000, 1), (20, 33, 7), (16, 130, 49), (64, 256, 196)]
+
+
+def pair_size_id(size):
+    return ("rows-" if size[2] == 1 else "bdl-") + "x".join(map(str, size))
+
+
+def make_pair3(size, dtype, mean=100.0, device="cuda"):
+    """Canonical branches za3, zb3 = za3 + noise of half their spread (conftest.make_x3), in dtype."""
+    za = make_x3(*size, torch.float64, mean)
+    zb = za + 0.5 * torch.randn(za.shape, dtype=torch.float64)
+    return za.to(device=device, dtype=dtype), zb.to(device=device, dtype=dtype)
+
+
+def pair_operands(za3, zb3, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0):
+    """(g, G_a, mu_a, G_b, mu_b, c) as the loss hands them to pair_apply, in the accumulate dtype:
+    G of the branches' own statistics (float64, every hinge active), g a GradScaler's 2^16, or n d
+    where that is less (the gradient's parts are ~1/(n d): g up to n d keeps them within float16)."""
+    B, d, L = za3.shape
+    n = B * L
+    acc = reference.accumulate_dtype(za3.dtype)
+    out = [torch.tensor(float(min(2**16, n * d)), dtype=acc, device=za3.device)]
+    for z in (za3, zb3):
+        mu, M2 = reference.vcreg_stats_reference(z.double())
+        s = (M2.diagonal() / max(n - 1, 1) + 1e-4).sqrt()
+        params = Params(std_coeff / 2, cov_coeff * (d - 1), 1e-4, 2.0 * s.max().item() + 1.0)
+        G, _ = reference.gradient_matrix(M2 / max(n - 1, 1), n, params)
+        out += [G.to(acc), mu.to(acc)]
+    out.append(torch.tensor(2 * sim_coeff / (n * d), dtype=acc, device=za3.device))
+    return tuple(out)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("size", PAIR_SIZES, ids=pair_size_id)
+@pytest.mark.parametrize("dtype", PAIR_DTYPES, ids=dtype_id)
+def test_cuda_pair_kernels_match_float64(dtype, size):
+    """Both pair kernels at |mu|/std = 100 within conftest's rule (SPEC section 6's bounds): a
+    multiple of the error of the reference's pair kernels run at the same dtype, plus the cuda floor."""
+    za3, zb3 = make_pair3(size, dtype)
+    B, d, L = size
+    acc = reference.accumulate_dtype(dtype)
+    got = torch.ops.vcreg.pair_stats_kernel(za3, zb3)
+    want = reference.vicreg_pair_stats_reference(za3.double(), zb3.double())
+    plain = reference.vicreg_pair_stats_reference(za3, zb3)
+    assert [t.dtype for t in got] == [acc] * 5 and got[4].shape == () and got[1].shape == (d, d)
+    for k, z in ((0, za3), (2, zb3)):
+        mu, M2 = got[k], got[k + 1]
+        assert torch.equal(M2, M2.T), "M2 must be exactly symmetric"
+        scale = want[k + 1].diagonal().sum().sqrt().item() / max(B * L - 1, 1) ** 0.5 + 1e-30
+        fs = floor_scale(z, dtype)
+        assert_within(rel_err(mu, want[k], scale), rel_err(plain[k], want[k], scale), "cuda", dtype, "cuda", "mu", fs)
+        if want[k + 1].norm() > 0:
+            assert_within(rel_err(M2, want[k + 1]), rel_err(plain[k + 1], want[k + 1]), "cuda", dtype, "cuda", "M2", fs)
+    assert_within(rel_err(got[4], want[4]), rel_err(plain[4], want[4]), "cuda", dtype, "cuda", "invariance sum")
+
+    ops = pair_operands(za3, zb3)
+    g, G_a, mu_a, G_b, mu_b, c = ops
+    grads = torch.ops.vcreg.pair_apply_kernel(g, za3, zb3, G_a, mu_a, G_b, mu_b, c)
+    ops64 = [t.double() for t in ops]
+    ref = reference.vicreg_pair_apply_reference(ops64[0], za3.double(), zb3.double(), *ops64[1:])
+    plain = reference.vicreg_pair_apply_reference(g, za3, zb3, G_a, mu_a, G_b, mu_b, c)
+    for k, (z, G, mu) in enumerate(((za3, G_a, mu_a), (zb3, G_b, mu_b))):
+        assert grads[k].dtype == dtype and grads[k].shape == z.shape and grads[k].is_contiguous()
+        # Relative to the covariance part g (Z - mu) G, as test_kernels' apply (the invariance part
+        # is elementwise and would hide it).
+        dX = reference.vcreg_apply_reference(torch.zeros_like(z, dtype=torch.float64), z.double(), G.double(),
+                                             mu.double()) * ops64[0]
+        scale = dX.norm().item()
+        assert_within(rel_err(grads[k], ref[k], scale), rel_err(plain[k], ref[k], scale), "cuda", dtype, "cuda",
+                      f"grad_{'ab'[k]}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("size", [(3000, 1000, 1), (64, 256, 196)], ids=pair_size_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_cuda_pair_kernels_bitwise_repeatable(dtype, size, monkeypatch):
+    """SPEC section 8: no atomics, a fixed order in every reduction (the invariance sum's too)."""
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", os.environ.get("CUBLAS_WORKSPACE_CONFIG", ":4096:8"))
+    za3, zb3 = make_pair3(size, dtype, mean=50.0)
+    ops = pair_operands(za3, zb3)
+
+    def run():
+        return (*torch.ops.vcreg.pair_stats_kernel(za3, zb3),
+                *torch.ops.vcreg.pair_apply_kernel(ops[0], za3, zb3, *ops[1:]))
+
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = run(), run()
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("size", [(300, 7, 1), (2, 40, 9)], ids=pair_size_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_cuda_pair_kernels_nonfinite_propagates(dtype, size, bad):
+    """NaN/Inf in z_a reach its column's statistics, the invariance sum and both gradients as the math says."""
+    za3, zb3 = make_pair3(size, dtype, mean=0.0)
+    ops = pair_operands(za3, zb3)  # finite operands: the bad value enters through z_a only
+    za3[1, 2, 0] = bad
+    got = torch.ops.vcreg.pair_stats_kernel(za3, zb3)
+    want = reference.vicreg_pair_stats_reference(za3.double(), zb3.double())
+    for k in range(4):
+        assert torch.equal(got[k].isfinite().cpu(), want[k].isfinite().cpu()), f"pair statistic {k}"
+    assert not got[0][2].isfinite() and not got[4].isfinite()
+    assert got[4].isnan().item() == want[4].isnan().item()
+    grads = torch.ops.vcreg.pair_apply_kernel(ops[0], za3, zb3, *ops[1:])
+    ref = reference.vicreg_pair_apply_reference(ops[0].double(), za3.double(), zb3.double(),
+                                                *[t.double() for t in ops[1:]])
+    for got_k, ref_k in zip(grads, ref):
+        assert torch.equal(got_k.isnan().cpu(), ref_k.isnan().cpu())
+        assert torch.equal(got_k.isfinite().cpu(), ref_k.isfinite().cpu()) and not got_k.isfinite().all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_cuda_pair_apply_memory(dtype):
+    """No n x d temporary beyond the two gradients: the apply's peak above its inputs is the
+    gradients plus a bounded scratch (csrc/cuda/vcreg_cuda.cu: kPairScratchBytes of products per
+    block), here an eighth of one gradient; the statistics hold one branch's shifted copy at a time."""
+    n, d = 32768, 512
+    za3, zb3 = make_pair3((n, d, 1), dtype, mean=3.0)
+    ops = pair_operands(za3, zb3)
+    nxd, dxd = za3.numel() * za3.element_size(), 4 * d * d
+    scratch = 8 << 20
+
+    def peak(fn):
+        fn()  # warm-up: cuBLAS handles and workspaces
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn()
+        torch.cuda.synchronize()
+        del out
+        return torch.cuda.max_memory_allocated() - base
+
+    apply_peak = peak(lambda: torch.ops.vcreg.pair_apply_kernel(ops[0], za3, zb3, *ops[1:]))
+    # The gradients, the scratch, and for 16-bit the scaled G of each branch (d x d in z's dtype).
+    assert apply_peak <= 2 * nxd + scratch + 4 * dxd + (1 << 20), f"{apply_peak / nxd:.3f} n x d"
+    stats_peak = peak(lambda: torch.ops.vcreg.pair_stats_kernel(za3, zb3))
+    # One shifted copy Y (n x d, z's dtype), Q and M2 of a branch and both returned M2s, d-vectors.
+    assert stats_peak <= nxd + 4 * dxd + (1 << 20), f"{stats_peak / nxd:.3f} n x d"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("size", [(4096, 96, 1), (8, 64, 196)], ids=pair_size_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
+def test_cuda_pair_kernels_graph_capture(dtype, size):
+    """No host synchronisation (g and c are read on the device): both pair kernels capture, and a
+    replay on new data gives the eager result for that data."""
+    za3, zb3 = make_pair3(size, dtype, mean=20.0)
+    ops = pair_operands(za3, zb3)
+
+    def step():
+        return (*torch.ops.vcreg.pair_stats_kernel(za3, zb3),
+                *torch.ops.vcreg.pair_apply_kernel(ops[0], za3, zb3, *ops[1:]))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    new_a, new_b = make_pair3(size, dtype, mean=-5.0)
+    za3.copy_(new_a)
+    zb3.copy_(new_b)
+    ops[0].fill_(3.0)  # g, read on the device at replay
+    graph.replay()
+    eager = step()
+    for got, want in zip(captured, eager):
+        # Same kernels, but cuBLAS may pick another algorithm inside a capture: not bitwise.
+        assert rel_err(got, want) < 1e-6 if want.norm() > 0 else not got.any()
 
 
 # --- bad input (SPEC section 5) ---------------------------------------------------------------

@@ -56,10 +56,10 @@ if want report && (( $(limit 180) > 0 )); then
 fi
 
 if want sanitize && (( $(limit 90) > 0 )); then
-  echo "== compute-sanitizer memcheck on the cuda and triton backwards, rows/bdl layouts ($(elapsed))"
+  echo "== compute-sanitizer memcheck on the cuda and triton backwards and the cuda pair kernels, rows/bdl layouts ($(elapsed))"
   VCREG_TRITON_AUTOTUNE=0 timeout "$(limit 90)" compute-sanitizer --tool memcheck --error-exitcode 9 \
-    $PY -m pytest tests/test_kernels.py -q -p no:cacheprovider \
-    -k "test_backward and (cuda-cuda or triton-cuda) and (float32 or bfloat16) and (150x37x1 or 4x24x32 or 20x33x7) and 0.0-None" \
+    $PY -m pytest tests/test_kernels.py tests/test_vicreg.py -q -p no:cacheprovider \
+    -k "(test_backward and (cuda-cuda or triton-cuda) and (float32 or bfloat16) and (150x37x1 or 4x24x32 or 20x33x7) and 0.0-None) or (cuda_pair_kernels_match and (float32 or bfloat16) and (1031x257x1 or 20x33x7))" \
     2>&1 | grep -E "ERROR SUMMARY|Invalid|passed|failed" | head -10
   echo "memcheck: rc=${PIPESTATUS[0]}"
 fi

@@ -19,8 +19,8 @@
   canonical (B, d, L) views, with CPU and CUDA kernels registered from csrc/; and its two halves
   ``vcreg::stats_kernel(x3) -> (mu, M2)`` and ``vcreg::apply_kernel(grad_y3, x3, G, mu) -> grad_x3``.
 * ``vcreg::pair_stats_kernel(za3, zb3)`` and ``vcreg::pair_apply_kernel(g, za3, zb3, G_a, mu_a, G_b, mu_b, c)``:
-  the VICReg loss's fused pair kernels (``dispatch.Backend``'s pair_stats, pair_apply), a CPU kernel
-  registered from csrc/vcreg_cpu.cpp.
+  the VICReg loss's fused pair kernels (``dispatch.Backend``'s pair_stats, pair_apply), with CPU and
+  CUDA kernels registered from csrc/vcreg_cpu.cpp and csrc/cuda/vcreg_cuda.cu.
 """
 from __future__ import annotations
 

@@ -16,8 +16,8 @@ and, for the VICReg loss (``vicreg.py``) on two branches za3, zb3 of one shape a
 With no fused ``backward`` the halves are composed around ``reference.gradient_matrix``; the
 cross-rank mode (``distributed.py``) always composes them, all-reducing the statistics between.
 With no pair kernels they are composed too (``reference.pair_stats_of_halves``,
-``pair_apply_of_halves``): cuda and triton; the cpu backend has its own (``vcreg::pair_stats_kernel``,
-``vcreg::pair_apply_kernel``), as the reference. A backend keeps a fused kernel only where it is faster than that composition.
+``pair_apply_of_halves``): triton; the cpu and cuda backends have their own (``vcreg::pair_stats_kernel``,
+``vcreg::pair_apply_kernel`` under the CPU and CUDA keys), as the reference. A backend keeps a fused kernel only where it is faster than that composition.
 
 | backend   | tensors                                      | code                                    |
 | --------- | -------------------------------------------- | --------------------------------------- |
@@ -158,7 +158,7 @@ def _compiled_pair_apply(g, za3, zb3, G_a, mu_a, G_b, mu_b, c):
 def _compiled(key: str, pairs: bool = False) -> Backend:
     # vcreg::*_kernel, whose CPU and CUDA kernels register under their dispatch keys (csrc/). Looked
     # up at call time: _ops defines the schemas after importing this module. ``pairs``: the key has
-    # the VICReg pair kernels (CPU only; the CUDA key composes its halves).
+    # the VICReg pair kernels (both keys do: csrc/vcreg_cpu.cpp, csrc/cuda/vcreg_cuda.cu).
     return Backend(key, _compiled_unavailable(key), lambda x3: torch.ops.vcreg.stats_kernel(x3),
                    lambda gy3, x3, G, mu: torch.ops.vcreg.apply_kernel(gy3, x3, G, mu), _compiled_backward,
                    pair_stats=_compiled_pair_stats if pairs else None,
@@ -168,7 +168,7 @@ def _compiled(key: str, pairs: bool = False) -> Backend:
 _RECORDS: dict[str, Backend] = {
     "triton": Backend("triton", _triton_unavailable, _lazy(".triton_kernels", "vcreg_stats_triton"),
                       _lazy(".triton_kernels", "vcreg_apply_triton"), _lazy(".triton_kernels", "vcreg_backward_triton")),
-    "cuda": _compiled("cuda"),
+    "cuda": _compiled("cuda", pairs=True),
     "cpu": _compiled("cpu", pairs=True),
     "reference": Backend("reference", lambda device_type: None, vcreg_stats_reference, vcreg_apply_reference,
                          pair_stats=vicreg_pair_stats_reference, pair_apply=vicreg_pair_apply_reference),

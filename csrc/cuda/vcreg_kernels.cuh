@@ -26,6 +26,14 @@
 // For half/bfloat16, the GEMM takes G in x's dtype: G is scaled by a power of two 2^k (chosen on
 // the device from max|G|, so fp16 neither underflows, at G ~ 1e-9, nor overflows) and P by 2^-k.
 //
+// The VICReg loss's pair kernels (SPEC section 9) on two branches Z_a, Z_b of one shape:
+//   statistics: each branch's as above; branch b's shift pass also reads Z_a and sums
+//     (Z_a - Z_b)^2 per (chunk, feature) in A, and invariance_total_kernel adds those partial
+//     sums in float64 in a fixed order: the invariance sum costs one extra read of Z_a.
+//   apply: per branch Y = T(Z - mu) and P = Y G (cuBLAS), then one epilogue over both branches,
+//     grad_a = g (P_a + c (Z_a - Z_b)),  grad_b = g (P_b - c (Z_a - Z_b)),  g, c device scalars.
+//     The host side (vcreg_cuda.cu) says where Y and P live: no n x d temporary beyond the gradients.
+//
 // Determinism: no atomics; every reduction has a fixed shape (chunking depends only on the
 // shapes and the device's SM count) and a fixed order (shared-memory trees). No warp-level
 // primitives at all, so nothing assumes a 32-lane warp (AMD's is 64).
@@ -41,6 +49,7 @@ namespace cuda {
 constexpr int kThreads = 256;  // every kernel's block size (a power of two: the trees rely on it)
 constexpr int kUnroll = 4;     // loads in flight per thread in the streaming kernels
 constexpr int kShiftSamples = 64;
+constexpr int kPairUnroll = 2;  // the pair epilogue's elements in flight per thread (four streams each)
 
 // bfloat16 as its bits, converted by hand: HIP's bf16 header differs between ROCm releases
 // (older ones have none), and this keeps the device code identical on both vendors.
@@ -198,10 +207,14 @@ shift_estimate_kernel(const T* __restrict__ x, int64_t n, int64_t d, int64_t L, 
 // tile blockIdx.x (width W, a power of two <= 32, so each row's read is one coalesced segment);
 // kSums: partial[blockIdx.y, j] = sum over the chunk of X[r, j] - K_j before its rounding to T,
 // so that mu = K + S/n is as accurate as the accumulate dtype whatever x's dtype.
-template <typename T, typename A, bool kSums>
+// kInv (the VICReg pair statistics, on branch b with other = branch a): also
+// inv_partial[blockIdx.y, j] = sum over the chunk of (other[r, j] - X[r, j])^2 in A, from the
+// same pass over X, so that the invariance sum costs one extra read of the other branch only.
+template <typename T, typename A, bool kSums, bool kInv = false>
 __global__ void __launch_bounds__(kThreads)
 shift_rows_kernel(const T* __restrict__ x, const A* __restrict__ K, int64_t n, int64_t d, int W,
-                  int64_t rows_per_chunk, T* __restrict__ y, A* __restrict__ partial) {
+                  int64_t rows_per_chunk, T* __restrict__ y, A* __restrict__ partial,
+                  const T* __restrict__ other = nullptr, A* __restrict__ inv_partial = nullptr) {
   __shared__ A smem[kThreads];
   const int tj = threadIdx.x % W;
   const int ts = threadIdx.x / W;
@@ -209,53 +222,73 @@ shift_rows_kernel(const T* __restrict__ x, const A* __restrict__ K, int64_t n, i
   const int64_t j = blockIdx.x * static_cast<int64_t>(W) + tj;
   const int64_t r0 = blockIdx.y * rows_per_chunk;
   const int64_t r1 = r0 + rows_per_chunk < n ? r0 + rows_per_chunk : n;
-  A sum = A(0);
+  A sum = A(0), sq = A(0);
   if (j < d) {
     const A k = K[j];
     int64_t r = r0 + ts;
     for (; r + (kUnroll - 1) * TS < r1; r += kUnroll * TS) {
-      A v[kUnroll];
+      A v[kUnroll], o[kUnroll];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) v[u] = to_acc(x[(r + u * TS) * d + j]);
+      for (int u = 0; u < kUnroll; ++u) {
+        v[u] = to_acc(x[(r + u * TS) * d + j]);
+        if (kInv) o[u] = to_acc(other[(r + u * TS) * d + j]);
+      }
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const A yv = v[u] - k;
         y[(r + u * TS) * d + j] = from_acc<T>(yv);
         if (kSums) sum += yv;
+        if (kInv) {
+          const A t = o[u] - v[u];
+          sq += t * t;
+        }
       }
     }
     for (; r < r1; r += TS) {
-      const A yv = to_acc(x[r * d + j]) - k;
+      const A xv = to_acc(x[r * d + j]);
+      const A yv = xv - k;
       y[r * d + j] = from_acc<T>(yv);
       if (kSums) sum += yv;
+      if (kInv) {
+        const A t = to_acc(other[r * d + j]) - xv;
+        sq += t * t;
+      }
     }
   }
   if (kSums) {
     sum = lanes_reduce(sum, smem, tj, ts, W);
     if (ts == 0 && j < d) partial[blockIdx.y * d + j] = sum;
   }
+  if (kInv) {
+    __syncthreads();  // every lane has read the column sums' result before smem is reused
+    sq = lanes_reduce(sq, smem, tj, ts, W);
+    if (ts == 0 && j < d) inv_partial[blockIdx.y * d + j] = sq;
+  }
 }
 
 // "bdl" layout: Y^T[j, s] = T(x3[b, j, l] - K_j) for feature j = blockIdx.x and the samples of
-// chunk blockIdx.y; both the read (along l) and the write (along s) are contiguous.
-template <typename T, typename A, bool kSums>
+// chunk blockIdx.y; both the read (along l) and the write (along s) are contiguous. kSums, kInv:
+// as shift_rows_kernel's.
+template <typename T, typename A, bool kSums, bool kInv = false>
 __global__ void __launch_bounds__(kThreads)
 shift_cols_kernel(const T* __restrict__ x, const A* __restrict__ K, int64_t n, int64_t d, Walk w,
-                  int64_t samples_per_chunk, T* __restrict__ yt, A* __restrict__ partial) {
+                  int64_t samples_per_chunk, T* __restrict__ yt, A* __restrict__ partial,
+                  const T* __restrict__ other = nullptr, A* __restrict__ inv_partial = nullptr) {
   __shared__ A smem[kThreads];
   const int64_t j = blockIdx.x;
   const int64_t s0 = blockIdx.y * samples_per_chunk;
   const int64_t s1 = s0 + samples_per_chunk < n ? s0 + samples_per_chunk : n;
   const A k = K[j];
   T* __restrict__ yrow = yt + j * n;
-  A sum = A(0);
+  A sum = A(0), sq = A(0);
   int64_t s = s0 + threadIdx.x;
   SampleCursor cur(s, j, d, w);
   for (; s + (kUnroll - 1) * kThreads < s1; s += kUnroll * kThreads) {
-    A v[kUnroll];
+    A v[kUnroll], o[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       v[u] = to_acc(x[cur.off]);
+      if (kInv) o[u] = to_acc(other[cur.off]);
       cur.advance(w);
     }
 #pragma unroll
@@ -263,18 +296,43 @@ shift_cols_kernel(const T* __restrict__ x, const A* __restrict__ K, int64_t n, i
       const A yv = v[u] - k;
       yrow[s + u * kThreads] = from_acc<T>(yv);
       if (kSums) sum += yv;
+      if (kInv) {
+        const A t = o[u] - v[u];
+        sq += t * t;
+      }
     }
   }
   for (; s < s1; s += kThreads) {
-    const A yv = to_acc(x[cur.off]) - k;
+    const A xv = to_acc(x[cur.off]);
+    const A yv = xv - k;
     yrow[s] = from_acc<T>(yv);
     if (kSums) sum += yv;
+    if (kInv) {
+      const A t = to_acc(other[cur.off]) - xv;
+      sq += t * t;
+    }
     cur.advance(w);
   }
   if (kSums) {
     sum = block_reduce(sum, smem, Sum());
     if (threadIdx.x == 0) partial[blockIdx.y * d + j] = sum;
   }
+  if (kInv) {
+    sq = block_reduce(sq, smem, Sum());
+    if (threadIdx.x == 0) inv_partial[blockIdx.y * d + j] = sq;
+  }
+}
+
+// One block: *inv = the sum of the count partial sums of the invariance term (chunks x features),
+// thread t adding entries t, t + kThreads, ... in float64, then the tree: a fixed order.
+template <typename A>
+__global__ void __launch_bounds__(kThreads)
+invariance_total_kernel(const A* __restrict__ inv_partial, int64_t count, A* __restrict__ inv) {
+  __shared__ double smem[kThreads];
+  double s = 0.0;
+  for (int64_t k = threadIdx.x; k < count; k += kThreads) s += static_cast<double>(inv_partial[k]);
+  s = block_reduce(s, smem, Sum());
+  if (threadIdx.x == 0) *inv = static_cast<A>(s);
 }
 
 // Per column j (one thread each): S_j = sum of the chunk partials in chunk order, mu_j = K_j + S_j/n,
@@ -479,6 +537,107 @@ epilogue_cols_kernel(const GY* __restrict__ gy, const A* __restrict__ PT, const 
 }
 
 // ---------------------------------------------------------------------------------------------
+// The VICReg pair apply's epilogue: both gradients from one read of both branches,
+//   grad_a = g (Pa * inv_scale_a + c (Z_a - Z_b)),   grad_b = g (Pb * inv_scale_b - c (Z_a - Z_b)),
+// Pa, Pb = (Z - mu) G of each branch (P^T in "bdl"), in A; the difference formed in A and
+// multiplied by g (a GradScaler's 2^16, say) before the one rounding to z's dtype T, so that the
+// ~1/(n d) parts do not underflow in float16. g, c, inv_scale: device scalars (inv_scale may be
+// null: 1). Four streams per element: kPairUnroll elements per thread keep as many loads in
+// flight as the apply's epilogue, within the 32 registers ptxas gives these kernels on sm_80.
+// Pa may be grad_a itself (float32/float64 "rows": the product written straight into the
+// gradient), so neither carries __restrict__: each thread reads an element before writing it.
+
+template <typename T, typename A>
+__global__ void __launch_bounds__(kThreads)
+pair_epilogue_rows_kernel(const T* __restrict__ za, const T* __restrict__ zb, const A* Pa, const A* __restrict__ Pb,
+                          const A* __restrict__ inv_scale_a, const A* __restrict__ inv_scale_b,
+                          const A* __restrict__ g, const A* __restrict__ c, int64_t n, int64_t d, int W,
+                          int64_t rows_per_chunk, T* out_a, T* __restrict__ out_b) {
+  const int tj = threadIdx.x % W;
+  const int ts = threadIdx.x / W;
+  const int TS = kThreads / W;
+  const int64_t j = blockIdx.x * static_cast<int64_t>(W) + tj;
+  if (j >= d) return;
+  const int64_t r0 = blockIdx.y * rows_per_chunk;
+  const int64_t r1 = r0 + rows_per_chunk < n ? r0 + rows_per_chunk : n;
+  const A gv = g[0], cv = c[0];
+  const A ia = inv_scale_a != nullptr ? inv_scale_a[0] : A(1);
+  const A ib = inv_scale_b != nullptr ? inv_scale_b[0] : A(1);
+  int64_t s = r0 + ts;
+  for (; s + (kPairUnroll - 1) * TS < r1; s += kPairUnroll * TS) {
+    A a[kPairUnroll], b[kPairUnroll], pa[kPairUnroll], pb[kPairUnroll];
+#pragma unroll
+    for (int u = 0; u < kPairUnroll; ++u) {
+      const int64_t o = (s + u * TS) * d + j;
+      a[u] = to_acc(za[o]);
+      b[u] = to_acc(zb[o]);
+      pa[u] = Pa[o];
+      pb[u] = Pb[o];
+    }
+#pragma unroll
+    for (int u = 0; u < kPairUnroll; ++u) {
+      const int64_t o = (s + u * TS) * d + j;
+      const A inv = cv * (a[u] - b[u]);
+      out_a[o] = from_acc<T>((pa[u] * ia + inv) * gv);
+      out_b[o] = from_acc<T>((pb[u] * ib - inv) * gv);
+    }
+  }
+  for (; s < r1; s += TS) {
+    const int64_t o = s * d + j;
+    const A inv = cv * (A(to_acc(za[o])) - A(to_acc(zb[o])));
+    const A pa = Pa[o], pb = Pb[o];
+    out_a[o] = from_acc<T>((pa * ia + inv) * gv);
+    out_b[o] = from_acc<T>((pb * ib - inv) * gv);
+  }
+}
+
+// "bdl": Pa^T, Pb^T (d x n) row-major, z and the gradients canonical (B, d, L); the walk of
+// shift_cols_kernel.
+template <typename T, typename A>
+__global__ void __launch_bounds__(kThreads)
+pair_epilogue_cols_kernel(const T* __restrict__ za, const T* __restrict__ zb, const A* __restrict__ PaT,
+                          const A* __restrict__ PbT, const A* __restrict__ inv_scale_a,
+                          const A* __restrict__ inv_scale_b, const A* __restrict__ g, const A* __restrict__ c,
+                          int64_t n, int64_t d, Walk w, int64_t samples_per_chunk, T* __restrict__ out_a,
+                          T* __restrict__ out_b) {
+  const int64_t j = blockIdx.x;
+  const int64_t s0 = blockIdx.y * samples_per_chunk;
+  const int64_t s1 = s0 + samples_per_chunk < n ? s0 + samples_per_chunk : n;
+  const A gv = g[0], cv = c[0];
+  const A ia = inv_scale_a != nullptr ? inv_scale_a[0] : A(1);
+  const A ib = inv_scale_b != nullptr ? inv_scale_b[0] : A(1);
+  const A* __restrict__ parow = PaT + j * n;
+  const A* __restrict__ pbrow = PbT + j * n;
+  int64_t s = s0 + threadIdx.x;
+  SampleCursor cur(s, j, d, w);
+  for (; s + (kPairUnroll - 1) * kThreads < s1; s += kPairUnroll * kThreads) {
+    int64_t off[kPairUnroll];
+    A a[kPairUnroll], b[kPairUnroll], pa[kPairUnroll], pb[kPairUnroll];
+#pragma unroll
+    for (int u = 0; u < kPairUnroll; ++u) {
+      off[u] = cur.off;
+      cur.advance(w);
+      a[u] = to_acc(za[off[u]]);
+      b[u] = to_acc(zb[off[u]]);
+      pa[u] = parow[s + u * kThreads];
+      pb[u] = pbrow[s + u * kThreads];
+    }
+#pragma unroll
+    for (int u = 0; u < kPairUnroll; ++u) {
+      const A inv = cv * (a[u] - b[u]);
+      out_a[off[u]] = from_acc<T>((pa[u] * ia + inv) * gv);
+      out_b[off[u]] = from_acc<T>((pb[u] * ib - inv) * gv);
+    }
+  }
+  for (; s < s1; s += kThreads) {
+    const A inv = cv * (A(to_acc(za[cur.off])) - A(to_acc(zb[cur.off])));
+    out_a[cur.off] = from_acc<T>((parow[s] * ia + inv) * gv);
+    out_b[cur.off] = from_acc<T>((pbrow[s] * ib - inv) * gv);
+    cur.advance(w);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 
 // The address of every kernel above for x dtype T (grad dtype GY = T, accumulate dtype A =
 // acc_t<T>, and the epilogues for both accumulate dtypes). Explicitly instantiating this makes a
@@ -492,6 +651,9 @@ int kernel_table(const void** out) {
   out[k++] = reinterpret_cast<const void*>(&shift_rows_kernel<T, A, false>);
   out[k++] = reinterpret_cast<const void*>(&shift_cols_kernel<T, A, true>);
   out[k++] = reinterpret_cast<const void*>(&shift_cols_kernel<T, A, false>);
+  out[k++] = reinterpret_cast<const void*>(&shift_rows_kernel<T, A, true, true>);
+  out[k++] = reinterpret_cast<const void*>(&shift_cols_kernel<T, A, true, true>);
+  out[k++] = reinterpret_cast<const void*>(&invariance_total_kernel<A>);
   out[k++] = reinterpret_cast<const void*>(&column_stats_kernel<A>);
   out[k++] = reinterpret_cast<const void*>(&m2_kernel<A>);
   out[k++] = reinterpret_cast<const void*>(&gradient_kernel<A>);
@@ -502,6 +664,8 @@ int kernel_table(const void** out) {
   out[k++] = reinterpret_cast<const void*>(&epilogue_rows_kernel<T, double>);
   out[k++] = reinterpret_cast<const void*>(&epilogue_cols_kernel<T, float>);
   out[k++] = reinterpret_cast<const void*>(&epilogue_cols_kernel<T, double>);
+  out[k++] = reinterpret_cast<const void*>(&pair_epilogue_rows_kernel<T, A>);
+  out[k++] = reinterpret_cast<const void*>(&pair_epilogue_cols_kernel<T, A>);
   return k;
 }
 
