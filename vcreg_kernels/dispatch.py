@@ -167,7 +167,9 @@ def _compiled(key: str, pairs: bool = False) -> Backend:
 
 _RECORDS: dict[str, Backend] = {
     "triton": Backend("triton", _triton_unavailable, _lazy(".triton_kernels", "vcreg_stats_triton"),
-                      _lazy(".triton_kernels", "vcreg_apply_triton"), _lazy(".triton_kernels", "vcreg_backward_triton")),
+                      _lazy(".triton_kernels", "vcreg_apply_triton"), _lazy(".triton_kernels", "vcreg_backward_triton"),
+                      pair_stats=_lazy(".triton_kernels", "vicreg_pair_stats_triton"),
+                      pair_apply=_lazy(".triton_kernels", "vicreg_pair_apply_triton")),
     "cuda": _compiled("cuda"),
     "cpu": _compiled("cpu", pairs=True),
     "reference": Backend("reference", lambda device_type: None, vcreg_stats_reference, vcreg_apply_reference,

@@ -25,10 +25,12 @@ setting when the backward runs). Configurations: ``configs`` (a heuristic, and t
 lists). Kernels: ``kernels``. Ahead-of-time compile cases for the static checks: ``aot``.
 """
 from .aot import AOT_TARGETS, aot_cases, aot_cases_for
-from .launch import AOTCase, vcreg_apply_triton, vcreg_backward_triton, vcreg_stats_triton
+from .launch import (AOTCase, vcreg_apply_triton, vcreg_backward_triton, vcreg_stats_triton, vicreg_pair_apply_triton,
+                     vicreg_pair_stats_triton)
 from .precision import float32_matmul_setting, precision_mode
 
 __all__ = [
     "AOTCase", "AOT_TARGETS", "aot_cases", "aot_cases_for", "float32_matmul_setting", "precision_mode",
-    "vcreg_apply_triton", "vcreg_backward_triton", "vcreg_stats_triton",
+    "vcreg_apply_triton", "vcreg_backward_triton", "vcreg_stats_triton", "vicreg_pair_apply_triton",
+    "vicreg_pair_stats_triton",
 ]

@@ -143,6 +143,16 @@ def operand_config(d: int, mode: str, target: Optional[tuple] = None) -> Config:
     return cfg(128, 1, BLOCK_J=16, BLOCK_K=128 if mode != "fp64" else 64)
 
 
+def invariance_config(target: Optional[tuple] = None) -> Config:
+    """The invariance sum's tiles: 2048 elements (8 per thread, 16 bytes and more per load), 4
+    programs per SM; 256 under the interpreter, so that small tests span several programs."""
+    return cfg(256, _stages(target, 3), per_sm=4, BLOCK=256 if target is None else 2048)
+
+
+def sum_config(target: Optional[tuple] = None) -> Config:
+    return cfg(128, 1, BLOCK=128)
+
+
 def copy_config(target: Optional[tuple] = None) -> Config:
     return cfg(256, 1, BLOCK_S=64, BLOCK_D=64)
 
