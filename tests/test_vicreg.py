@@ -1,8 +1,8 @@
 """The VICReg loss (SPEC section 9) on every backend available here, against plain autograd of its formula.
 
 The formula is ``reference.vicreg_loss_reference`` (section 9 in plain PyTorch); each backend runs
-its record's pair kernels (``dispatch.Backend``): the reference backend its own, the others their
-halves composed. Errors are relative Frobenius norms of a branch's gradient against float64 plain
+its record's pair kernels (``dispatch.Backend``): the reference, cpu and triton backends their own,
+cuda its halves composed. Errors are relative Frobenius norms of a branch's gradient against float64 plain
 autograd, bounded by conftest's rule (STYLE.md): a multiple of the error plain PyTorch makes at
 the same dtype (here facebookresearch/vicreg's formula run in that dtype) plus the backend's floor,
 and SPEC section 6's bound for the dtype.
@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import vcreg_kernels
-from conftest import FLOOR, MULTIPLE, dtype_id, spec_bound
+from conftest import FLOOR, HAS_GPU, MULTIPLE, assert_within, dtype_id, spec_bound
 from vcreg_kernels import dispatch, reference
+from vcreg_kernels._params import Params
 from vcreg_kernels.reference import vicreg_loss_reference
 
 COEFFS = dict(sim_coeff=20.0, std_coeff=30.0, cov_coeff=2.0)
@@ -133,6 +134,101 @@ def test_composed_halves_equal_the_fused_pair_kernels():
     for w, g in zip(record.run_pair_apply(*args), reference.pair_apply_of_halves(record.apply, *args)):
         assert g.is_contiguous() and w.is_contiguous() and g.shape == w.shape == z_a.shape
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def pair_operands(za3, zb3):
+    """(g, G_a, mu_a, G_b, mu_b, c) as the loss's forward makes them (gamma = 1.5, the default
+    coefficients), in the accumulate dtype."""
+    n, d = za3.shape[0] * za3.shape[2], za3.shape[1]
+    acc = reference.accumulate_dtype(za3.dtype)
+    mu_a, M2_a, mu_b, M2_b, _ = reference.vicreg_pair_stats_reference(za3.double(), zb3.double())
+    params = Params(12.5, d - 1.0, 1e-4, 1.5)
+    G_a, G_b = (reference.gradient_matrix_(M2, n, params)[0].to(acc) for M2 in (M2_a, M2_b))
+    return (torch.tensor(2.5, dtype=acc, device=za3.device), G_a, mu_a.to(acc), G_b, mu_b.to(acc),
+            torch.tensor(50.0 / (n * d), dtype=acc, device=za3.device))
+
+
+def canonical_pair(B, d, L, dtype, mean=3.0, device="cpu"):
+    """Two canonical (B, d, L) branches: rows (L == 1) or bdl."""
+    z_a, z_b = make_pair((B, L, d), mean=mean)
+    return tuple(z.transpose(1, 2).contiguous().to(device=device, dtype=dtype) for z in (z_a, z_b))
+
+
+# (B, d, L): rows read in place (d % 16 == 0) and through the rows copy; bdl in place (L % 16 == 0)
+# and through the copy; several column blocks of the stats and the apply (d > 128).
+PAIR_SHAPES = {"rows": (40, 32, 1), "rows-copy": (37, 12, 1), "bdl": (3, 10, 16), "bdl-copy": (4, 9, 7),
+               "rows-wide": (20, 130, 1)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("shape", PAIR_SHAPES.values(), ids=PAIR_SHAPES.keys())
+def test_triton_pair_kernels_equal_the_composition(shape, dtype):
+    """The triton record has its own pair kernels, and they compute what its halves composed do
+    (``reference.pair_stats_of_halves``, ``pair_apply_of_halves``), within the rule's bound of
+    each against the float64 reference."""
+    record = dispatch.backend("triton")
+    if record.unavailable("cpu") is not None and not HAS_GPU:
+        pytest.skip(record.unavailable("cpu"))
+    assert record.pair_stats is not None and record.pair_apply is not None
+    device = "cuda" if HAS_GPU else "cpu"
+    za3, zb3 = canonical_pair(*shape, dtype, device=device)
+    fused = record.run_pair_stats(za3, zb3)
+    composed = reference.pair_stats_of_halves(record.stats, za3, zb3)
+    want = reference.vicreg_pair_stats_reference(za3.double(), zb3.double())
+    acc = reference.accumulate_dtype(dtype)
+    assert [t.dtype for t in fused] == [acc] * 5 and fused[4].shape == () and fused[1].shape == (shape[1],) * 2
+    for f, c, w, what in zip(fused, composed, want, ("mu_a", "M2_a", "mu_b", "M2_b", "invariance sum")):
+        assert_within(rel(f, w), rel(c, w), "triton", dtype, device, f"{what}: fused against the composition")
+    args = (pair_operands(za3, zb3)[0], za3, zb3, *pair_operands(za3, zb3)[1:])
+    fused = record.run_pair_apply(*args)
+    composed = reference.pair_apply_of_halves(record.apply, *args)
+    want = reference.vicreg_pair_apply_reference(*(t.double() for t in args))
+    for f, c, w, what in zip(fused, composed, want, ("grad_a", "grad_b")):
+        assert f.dtype == dtype and f.shape == za3.shape and f.is_contiguous()
+        floor = rel(w.to(dtype), w)  # the rounding to z's dtype, which no kernel avoids
+        assert_within(rel(f, w), rel(c, w), "triton", dtype, device, f"{what}: fused against the composition",
+                      floor=FLOOR["triton"][dtype] + floor)
+
+
+@pytest.mark.parametrize("shape", [(300, 16, 1), (5, 9, 48)], ids=["rows", "bdl"])
+def test_pair_kernels_bitwise_repeatable(backend_device, shape):
+    """The same inputs give the same statistics and gradients, bit for bit (no atomics; fixed
+    orders; the triton invariance sum here from 8 programs' partial sums)."""
+    name, device = backend_device
+    record = dispatch.backend(name)
+    za3, zb3 = canonical_pair(*shape, torch.float32, mean=50.0, device=device)
+    ops = pair_operands(za3, zb3)
+
+    def run():
+        return (*record.run_pair_stats(za3, zb3), *record.run_pair_apply(ops[0], za3, zb3, *ops[1:]))
+
+    first, second = run(), run()
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy
+@pytest.mark.parametrize("shape", [(40, 32, 1), (37, 7, 1), (3, 7, 16)], ids=["rows", "rows-copy", "bdl"])
+def test_pair_kernels_nonfinite_propagate(backend_device, shape):
+    """A NaN in z_a reaches mu_a, its row and column of M2_a, the invariance sum, the whole row of
+    grad_a (through G_a) and its own element of grad_b, as in the reference; an Inf in z_b makes the
+    invariance sum Inf."""
+    name, device = backend_device
+    record = dispatch.backend(name)
+    za3, zb3 = canonical_pair(*shape, torch.float32, device=device)
+    ops = pair_operands(za3, zb3)
+    za3[1, 2, 0] = float("nan")
+    got = record.run_pair_stats(za3, zb3)
+    want = reference.vicreg_pair_stats_reference(za3.double(), zb3.double())
+    for g, w in zip(got, want):
+        assert torch.equal(g.isnan().cpu(), w.isnan().cpu())
+    assert got[4].isnan() and got[1].isnan().any() and not got[3].isnan().any()
+    args = (ops[0], za3, zb3, *ops[1:])
+    for g, w in zip(record.run_pair_apply(*args), reference.vicreg_pair_apply_reference(*args)):
+        assert torch.equal(g.isnan().cpu(), w.isnan().cpu()) and g.isnan().any()
+    za3[1, 2, 0] = 0.0
+    zb3[0, 1, 0] = float("inf")
+    assert record.run_pair_stats(za3, zb3)[4].isinf()
 
 
 # --- float32, bfloat16, float16: SPEC section 6's bounds at |mu|/std = 100 --------------------

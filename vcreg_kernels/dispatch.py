@@ -16,8 +16,10 @@ and, for the VICReg loss (``vicreg.py``) on two branches za3, zb3 of one shape a
 With no fused ``backward`` the halves are composed around ``reference.gradient_matrix``; the
 cross-rank mode (``distributed.py``) always composes them, all-reducing the statistics between.
 With no pair kernels they are composed too (``reference.pair_stats_of_halves``,
-``pair_apply_of_halves``): cuda and triton; the cpu backend has its own (``vcreg::pair_stats_kernel``,
-``vcreg::pair_apply_kernel``), as the reference. A backend keeps a fused kernel only where it is faster than that composition.
+``pair_apply_of_halves``): cuda. The cpu backend has its own (``vcreg::pair_stats_kernel``,
+``vcreg::pair_apply_kernel``), the triton backend its own (``vicreg_pair_stats_triton``,
+``vicreg_pair_apply_triton``: the invariance sum without a temporary, one launch writing both
+gradients), as the reference. A backend keeps a fused kernel only where it is faster than that composition.
 
 | backend   | tensors                                      | code                                    |
 | --------- | -------------------------------------------- | --------------------------------------- |

@@ -21,8 +21,9 @@ Ops, custom ops with fake implementations, so that torch.compile(fullgraph=True)
 * ``vcreg::vicreg_backward(g, z_a, z_b, G_a, G_b, mu_a, mu_b, c) -> (grad_z_a, grad_z_b)``, in z's dtype.
 
 What each backend runs: its record's ``run_pair_stats`` and ``run_pair_apply`` (``dispatch.Backend``):
-its own fused pair kernels where it has them (one pass over both branches for the statistics and
-the invariance sum, one pass writing both gradients), else its two halves composed.
+its own pair kernels where it has them (cpu and triton: the statistics and the invariance sum
+with no n x d temporary, one pass writing both gradients; reference: the formula in torch ops),
+else its two halves composed (cuda).
 
 Cross-rank mode (``group``, a ``distributed.group_key``): n, n mu and the invariance sum of each
 rank (one all-reduce, float64), then each branch's M2 about the global mean (``distributed.

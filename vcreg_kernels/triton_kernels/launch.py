@@ -9,6 +9,19 @@ A backward is at most five launches, none of which waits for the host:
     terms     the terms, and G in the apply's operand form (transposed, rounded, scaled), v = mu^T G
     apply     the GEMM grad_y + (X - mu) @ G with its epilogue
 
+The VICReg loss's pair (SPEC section 9) on two branches of one shape:
+
+    pair_stats   each branch's copy (where needed), stats and finalize (M2), then the invariance
+                 sum: fixed programs' partial sums over both branches as flat arrays, and one
+                 program adding them in order in float64
+    pair_apply   each branch's G operand, then one launch over both branches' tiles writing both
+                 gradients, the invariance part formed in its epilogue from the tile of each branch
+
+One launch rather than one per branch: both branches' tiles of a sample tile run together, so the
+epilogue's read of the other branch's tile comes from L2, and at the loss's small batches (n = 256,
+d = 2048: 64 tiles per branch on 132 SMs) one grid fills the wave that each branch alone would
+half fill. Its price: both branches' G operands exist at once (d x ld each, in the operand type).
+
 Every launch goes through ``_launch``, which ``recording()`` turns into a list of the compile
 cases it would have launched (``aot.aot_cases_for``): what the static checks compile is what a
 call launches.
@@ -469,7 +482,7 @@ def _pair_apply(g: torch.Tensor, za3: torch.Tensor, zb3: torch.Tensor, op_a: _Op
     acc = accumulate_dtype(za3.dtype)
     gathered = op_a.x is not za3
     # The product's tiles are those of one apply with twice the samples.
-    tuning = C.apply_tuning(d, run.mode, run.target, 2 * op_a.n, run.num_sms, gathered=gathered)
+    tuning = C.apply_tuning(d, run.mode, run.target, 2 * op_a.n, run.num_sms, gathered=gathered, pair=True)
     out_a = torch.empty_like(za3)
     if not _tile_offsets_fit(out_a):  # written with samples in rows instead, then put in z's strides
         out_a = torch.empty((B, L, d), dtype=za3.dtype, device=za3.device).transpose(1, 2)
