@@ -409,6 +409,23 @@ def test_dxd_memory_is_G_per_branch(backend):
     assert peak < 2 * dxd + (2 + temporaries) * nxd + 64 * d, f"peak {peak / dxd:.2f} d x d, {peak / nxd:.2f} n x d"
 
 
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "triton") if b in dispatch.available_backends("cpu")])
+def test_pair_kernels_hold_no_nxd_temporary(backend):
+    """SPEC section 9: no n x d temporary beyond the gradients. n x d (1 MiB) outweighs everything
+    else here: the statistics hold none, the apply the two gradients and nothing of that size
+    (triton: the stats' partial tiles, a few 128 x 128 per program; cpu: its panels are scratch kept
+    between calls, allocated by the warm-up)."""
+    record = dispatch.backend(backend)
+    za3, zb3 = canonical_pair(16384, 16, 1, torch.float32)
+    ops = pair_operands(za3, zb3)
+    record.run_pair_stats(za3, zb3), record.run_pair_apply(ops[0], za3, zb3, *ops[1:])  # warm up
+    nxd = 4 * za3.numel()
+    stats_peak = _peak_bytes(lambda: record.run_pair_stats(za3, zb3))
+    assert stats_peak < nxd / 2, f"pair_stats peak {stats_peak / nxd:.2f} n x d"
+    apply_peak = _peak_bytes(lambda: record.run_pair_apply(ops[0], za3, zb3, *ops[1:]))
+    assert apply_peak < 2.5 * nxd, f"pair_apply peak {apply_peak / nxd:.2f} n x d (the gradients: 2)"
+
+
 # --- bad input (SPEC section 5) ---------------------------------------------------------------
 
 ENTRY = {
