@@ -400,6 +400,20 @@ def test_aot_cases_for_follow_layout_and_precision():
     assert stats.num_warps == 8 and stats.num_stages == want.num_stages
 
 
+def test_aot_cases_for_the_vicreg_loss():
+    """What one VICReg loss launches: each branch's stats, the invariance sum, each branch's G
+    operand and one pair apply over both branches' tiles."""
+    cases = tk.aot_cases_for((256, 2048), -1, torch.bfloat16, NVIDIA, 132, vicreg=True)
+    assert [c.label for c in cases] == ["stats", "finalize M2"] * 2 + [
+        "pair_stats invariance", "pair_stats invariance sum", "pair_apply operand", "pair_apply operand", "pair_apply"]
+    pair = cases[-1]
+    assert pair.kernel is kernels._pair_apply_kernel and pair.constexprs["ALGEBRAIC"] and pair.constexprs["ROWS"]
+    tiles = -(-256 // pair.constexprs["BLOCK_M"]) * -(-2048 // pair.constexprs["BLOCK_N"])
+    assert pair.grid == (2 * tiles,)
+    odd = tk.aot_cases_for((64, 20), -1, torch.float32, NVIDIA, 132, vicreg=True)
+    assert [c.label for c in odd].count("stats copy") == 4  # each branch's, for the stats and the apply
+
+
 def _config_key(case):
     return (case.kernel, tuple(sorted((k, str(v)) for k, v in case.constexprs.items() if k.isupper())),
             case.num_warps, case.num_stages)
@@ -413,8 +427,9 @@ def test_aot_cases_cover_every_launch(target):
         with matmul_precision(setting):
             for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
                 for shape, dim in (((64, 3), -1), ((8, 130, 5, 5), 1), ((4, 96, 4, 8), 1), ((3, 2048, 7, 7), 1)):
-                    for case in tk.aot_cases_for(shape, dim, dtype, target, 132):
-                        assert _config_key(case) in compiled, (setting, dtype, shape, case.label)
+                    for vicreg in (False, True):
+                        for case in tk.aot_cases_for(shape, dim, dtype, target, 132, vicreg=vicreg):
+                            assert _config_key(case) in compiled, (setting, dtype, shape, vicreg, case.label)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """The VICReg loss (SPEC section 9) on every backend available here, against plain autograd of its formula.
 
 The formula is ``reference.vicreg_loss_reference`` (section 9 in plain PyTorch); each backend runs
-its record's pair kernels (``dispatch.Backend``): the reference backend its own, the others their
-halves composed. Errors are relative Frobenius norms of a branch's gradient against float64 plain
+its record's pair kernels (``dispatch.Backend``): the reference, cpu and triton backends their own,
+cuda its halves composed. Errors are relative Frobenius norms of a branch's gradient against float64 plain
 autograd, bounded by conftest's rule (STYLE.md): a multiple of the error plain PyTorch makes at
 the same dtype (here facebookresearch/vicreg's formula run in that dtype) plus the backend's floor,
 and SPEC section 6's bound for the dtype.
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import vcreg_kernels
-from conftest import FLOOR, MULTIPLE, assert_within, dtype_id, floor_scale, make_x3, rel_err, spec_bound
+from conftest import FLOOR, HAS_GPU, MULTIPLE, assert_within, dtype_id, floor_scale, make_x3, rel_err, spec_bound
 from vcreg_kernels import dispatch, reference
 from vcreg_kernels._params import Params
 from vcreg_kernels.reference import vicreg_loss_reference
@@ -144,6 +144,101 @@ def test_compiled_backends_have_pair_kernels(name):
     record = dispatch.backend(name)
     assert record.pair_stats is dispatch._compiled_pair_stats
     assert record.pair_apply is dispatch._compiled_pair_apply
+
+
+def pair_operands(za3, zb3):
+    """(g, G_a, mu_a, G_b, mu_b, c) as the loss's forward makes them (gamma = 1.5, the default
+    coefficients), in the accumulate dtype."""
+    n, d = za3.shape[0] * za3.shape[2], za3.shape[1]
+    acc = reference.accumulate_dtype(za3.dtype)
+    mu_a, M2_a, mu_b, M2_b, _ = reference.vicreg_pair_stats_reference(za3.double(), zb3.double())
+    params = Params(12.5, d - 1.0, 1e-4, 1.5)
+    G_a, G_b = (reference.gradient_matrix_(M2, n, params)[0].to(acc) for M2 in (M2_a, M2_b))
+    return (torch.tensor(2.5, dtype=acc, device=za3.device), G_a, mu_a.to(acc), G_b, mu_b.to(acc),
+            torch.tensor(50.0 / (n * d), dtype=acc, device=za3.device))
+
+
+def canonical_pair(B, d, L, dtype, mean=3.0, device="cpu"):
+    """Two canonical (B, d, L) branches: rows (L == 1) or bdl."""
+    z_a, z_b = make_pair((B, L, d), mean=mean)
+    return tuple(z.transpose(1, 2).contiguous().to(device=device, dtype=dtype) for z in (z_a, z_b))
+
+
+# (B, d, L): rows read in place (d % 16 == 0) and through the rows copy; bdl in place (L % 16 == 0)
+# and through the copy; several column blocks of the stats and the apply (d > 128).
+PAIR_SHAPES = {"rows": (40, 32, 1), "rows-copy": (37, 12, 1), "bdl": (3, 10, 16), "bdl-copy": (4, 9, 7),
+               "rows-wide": (20, 130, 1)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("shape", PAIR_SHAPES.values(), ids=PAIR_SHAPES.keys())
+def test_triton_pair_kernels_equal_the_composition(shape, dtype):
+    """The triton record has its own pair kernels, and they compute what its halves composed do
+    (``reference.pair_stats_of_halves``, ``pair_apply_of_halves``), within the rule's bound of
+    each against the float64 reference."""
+    record = dispatch.backend("triton")
+    if record.unavailable("cpu") is not None and not HAS_GPU:
+        pytest.skip(record.unavailable("cpu"))
+    assert record.pair_stats is not None and record.pair_apply is not None
+    device = "cuda" if HAS_GPU else "cpu"
+    za3, zb3 = canonical_pair(*shape, dtype, device=device)
+    fused = record.run_pair_stats(za3, zb3)
+    composed = reference.pair_stats_of_halves(record.stats, za3, zb3)
+    want = reference.vicreg_pair_stats_reference(za3.double(), zb3.double())
+    acc = reference.accumulate_dtype(dtype)
+    assert [t.dtype for t in fused] == [acc] * 5 and fused[4].shape == () and fused[1].shape == (shape[1],) * 2
+    for f, c, w, what in zip(fused, composed, want, ("mu_a", "M2_a", "mu_b", "M2_b", "invariance sum")):
+        assert_within(rel(f, w), rel(c, w), "triton", dtype, device, f"{what}: fused against the composition")
+    args = (pair_operands(za3, zb3)[0], za3, zb3, *pair_operands(za3, zb3)[1:])
+    fused = record.run_pair_apply(*args)
+    composed = reference.pair_apply_of_halves(record.apply, *args)
+    want = reference.vicreg_pair_apply_reference(*(t.double() for t in args))
+    for f, c, w, what in zip(fused, composed, want, ("grad_a", "grad_b")):
+        assert f.dtype == dtype and f.shape == za3.shape and f.is_contiguous()
+        floor = rel(w.to(dtype), w)  # the rounding to z's dtype, which no kernel avoids
+        assert_within(rel(f, w), rel(c, w), "triton", dtype, device, f"{what}: fused against the composition",
+                      floor=FLOOR["triton"][dtype] + floor)
+
+
+@pytest.mark.parametrize("shape", [(300, 16, 1), (5, 9, 48)], ids=["rows", "bdl"])
+def test_pair_kernels_bitwise_repeatable(backend_device, shape):
+    """The same inputs give the same statistics and gradients, bit for bit (no atomics; fixed
+    orders; the triton invariance sum here from 8 programs' partial sums)."""
+    name, device = backend_device
+    record = dispatch.backend(name)
+    za3, zb3 = canonical_pair(*shape, torch.float32, mean=50.0, device=device)
+    ops = pair_operands(za3, zb3)
+
+    def run():
+        return (*record.run_pair_stats(za3, zb3), *record.run_pair_apply(ops[0], za3, zb3, *ops[1:]))
+
+    first, second = run(), run()
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy
+@pytest.mark.parametrize("shape", [(40, 32, 1), (37, 7, 1), (3, 7, 16)], ids=["rows", "rows-copy", "bdl"])
+def test_pair_kernels_nonfinite_propagate(backend_device, shape):
+    """A NaN in z_a reaches mu_a, its row and column of M2_a, the invariance sum, the whole row of
+    grad_a (through G_a) and its own element of grad_b, as in the reference; an Inf in z_b makes the
+    invariance sum Inf."""
+    name, device = backend_device
+    record = dispatch.backend(name)
+    za3, zb3 = canonical_pair(*shape, torch.float32, device=device)
+    ops = pair_operands(za3, zb3)
+    za3[1, 2, 0] = float("nan")
+    got = record.run_pair_stats(za3, zb3)
+    want = reference.vicreg_pair_stats_reference(za3.double(), zb3.double())
+    for g, w in zip(got, want):
+        assert torch.equal(g.isnan().cpu(), w.isnan().cpu())
+    assert got[4].isnan() and got[1].isnan().any() and not got[3].isnan().any()
+    args = (ops[0], za3, zb3, *ops[1:])
+    for g, w in zip(record.run_pair_apply(*args), reference.vicreg_pair_apply_reference(*args)):
+        assert torch.equal(g.isnan().cpu(), w.isnan().cpu()) and g.isnan().any()
+    za3[1, 2, 0] = 0.0
+    zb3[0, 1, 0] = float("inf")
+    assert record.run_pair_stats(za3, zb3)[4].isinf()
 
 
 # --- float32, bfloat16, float16: SPEC section 6's bounds at |mu|/std = 100 --------------------
@@ -345,7 +440,7 @@ def make_pair3(size, dtype, mean=100.0, device="cuda"):
     return za.to(device=device, dtype=dtype), zb.to(device=device, dtype=dtype)
 
 
-def pair_operands(za3, zb3, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0):
+def cuda_pair_operands(za3, zb3, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0):
     """(g, G_a, mu_a, G_b, mu_b, c) as the loss hands them to pair_apply, in the accumulate dtype:
     G of the branches' own statistics (float64, every hinge active), g a GradScaler's 2^16, or n d
     where that is less (the gradient's parts are ~1/(n d): g up to n d keeps them within float16)."""
@@ -386,7 +481,7 @@ def test_cuda_pair_kernels_match_float64(dtype, size):
             assert_within(rel_err(M2, want[k + 1]), rel_err(plain[k + 1], want[k + 1]), "cuda", dtype, "cuda", "M2", fs)
     assert_within(rel_err(got[4], want[4]), rel_err(plain[4], want[4]), "cuda", dtype, "cuda", "invariance sum")
 
-    ops = pair_operands(za3, zb3)
+    ops = cuda_pair_operands(za3, zb3)
     g, G_a, mu_a, G_b, mu_b, c = ops
     grads = torch.ops.vcreg.pair_apply_kernel(g, za3, zb3, G_a, mu_a, G_b, mu_b, c)
     ops64 = [t.double() for t in ops]
@@ -410,7 +505,7 @@ def test_cuda_pair_kernels_bitwise_repeatable(dtype, size, monkeypatch):
     """SPEC section 8: no atomics, a fixed order in every reduction (the invariance sum's too)."""
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", os.environ.get("CUBLAS_WORKSPACE_CONFIG", ":4096:8"))
     za3, zb3 = make_pair3(size, dtype, mean=50.0)
-    ops = pair_operands(za3, zb3)
+    ops = cuda_pair_operands(za3, zb3)
 
     def run():
         return (*torch.ops.vcreg.pair_stats_kernel(za3, zb3),
@@ -433,7 +528,7 @@ def test_cuda_pair_kernels_bitwise_repeatable(dtype, size, monkeypatch):
 def test_cuda_pair_kernels_nonfinite_propagates(dtype, size, bad):
     """NaN/Inf in z_a reach its column's statistics, the invariance sum and both gradients as the math says."""
     za3, zb3 = make_pair3(size, dtype, mean=0.0)
-    ops = pair_operands(za3, zb3)  # finite operands: the bad value enters through z_a only
+    ops = cuda_pair_operands(za3, zb3)  # finite operands: the bad value enters through z_a only
     za3[1, 2, 0] = bad
     got = torch.ops.vcreg.pair_stats_kernel(za3, zb3)
     want = reference.vicreg_pair_stats_reference(za3.double(), zb3.double())
@@ -457,7 +552,7 @@ def test_cuda_pair_apply_memory(dtype):
     block), here an eighth of one gradient; the statistics hold one branch's shifted copy at a time."""
     n, d = 32768, 512
     za3, zb3 = make_pair3((n, d, 1), dtype, mean=3.0)
-    ops = pair_operands(za3, zb3)
+    ops = cuda_pair_operands(za3, zb3)
     nxd, dxd = za3.numel() * za3.element_size(), 4 * d * d
     scratch = 8 << 20
 
@@ -486,7 +581,7 @@ def test_cuda_pair_kernels_graph_capture(dtype, size):
     """No host synchronisation (g and c are read on the device): both pair kernels capture, and a
     replay on new data gives the eager result for that data."""
     za3, zb3 = make_pair3(size, dtype, mean=20.0)
-    ops = pair_operands(za3, zb3)
+    ops = cuda_pair_operands(za3, zb3)
 
     def step():
         return (*torch.ops.vcreg.pair_stats_kernel(za3, zb3),
@@ -509,6 +604,23 @@ def test_cuda_pair_kernels_graph_capture(dtype, size):
     for got, want in zip(captured, eager):
         # Same kernels, but cuBLAS may pick another algorithm inside a capture: not bitwise.
         assert rel_err(got, want) < 1e-6 if want.norm() > 0 else not got.any()
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "triton") if b in dispatch.available_backends("cpu")])
+def test_pair_kernels_hold_no_nxd_temporary(backend):
+    """SPEC section 9: no n x d temporary beyond the gradients. n x d (1 MiB) outweighs everything
+    else here: the statistics hold none, the apply the two gradients and nothing of that size
+    (triton: the stats' partial tiles, a few 128 x 128 per program; cpu: its panels are scratch kept
+    between calls, allocated by the warm-up)."""
+    record = dispatch.backend(backend)
+    za3, zb3 = canonical_pair(16384, 16, 1, torch.float32)
+    ops = pair_operands(za3, zb3)
+    record.run_pair_stats(za3, zb3), record.run_pair_apply(ops[0], za3, zb3, *ops[1:])  # warm up
+    nxd = 4 * za3.numel()
+    stats_peak = _peak_bytes(lambda: record.run_pair_stats(za3, zb3))
+    assert stats_peak < nxd / 2, f"pair_stats peak {stats_peak / nxd:.2f} n x d"
+    apply_peak = _peak_bytes(lambda: record.run_pair_apply(ops[0], za3, zb3, *ops[1:]))
+    assert apply_peak < 2.5 * nxd, f"pair_apply peak {apply_peak / nxd:.2f} n x d (the gradients: 2)"
 
 
 # --- bad input (SPEC section 5) ---------------------------------------------------------------

@@ -16,8 +16,11 @@ and, for the VICReg loss (``vicreg.py``) on two branches za3, zb3 of one shape a
 With no fused ``backward`` the halves are composed around ``reference.gradient_matrix``; the
 cross-rank mode (``distributed.py``) always composes them, all-reducing the statistics between.
 With no pair kernels they are composed too (``reference.pair_stats_of_halves``,
-``pair_apply_of_halves``): triton; the cpu and cuda backends have their own (``vcreg::pair_stats_kernel``,
-``vcreg::pair_apply_kernel`` under the CPU and CUDA keys), as the reference. A backend keeps a fused kernel only where it is faster than that composition.
+``pair_apply_of_halves``). Every backend has its own: the cpu and cuda backends
+``vcreg::pair_stats_kernel`` and ``vcreg::pair_apply_kernel`` under the CPU and CUDA keys, the
+triton backend ``vicreg_pair_stats_triton`` and ``vicreg_pair_apply_triton`` (the invariance sum
+without a temporary, one launch writing both gradients), the reference its formula in torch ops.
+A backend keeps a fused kernel only where it is faster than that composition.
 
 | backend   | tensors                                      | code                                    |
 | --------- | -------------------------------------------- | --------------------------------------- |
@@ -167,7 +170,9 @@ def _compiled(key: str, pairs: bool = False) -> Backend:
 
 _RECORDS: dict[str, Backend] = {
     "triton": Backend("triton", _triton_unavailable, _lazy(".triton_kernels", "vcreg_stats_triton"),
-                      _lazy(".triton_kernels", "vcreg_apply_triton"), _lazy(".triton_kernels", "vcreg_backward_triton")),
+                      _lazy(".triton_kernels", "vcreg_apply_triton"), _lazy(".triton_kernels", "vcreg_backward_triton"),
+                      pair_stats=_lazy(".triton_kernels", "vicreg_pair_stats_triton"),
+                      pair_apply=_lazy(".triton_kernels", "vicreg_pair_apply_triton")),
     "cuda": _compiled("cuda", pairs=True),
     "cpu": _compiled("cpu", pairs=True),
     "reference": Backend("reference", lambda device_type: None, vcreg_stats_reference, vcreg_apply_reference,

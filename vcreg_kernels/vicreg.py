@@ -21,9 +21,10 @@ Ops, custom ops with fake implementations, so that torch.compile(fullgraph=True)
 * ``vcreg::vicreg_backward(g, z_a, z_b, G_a, G_b, mu_a, mu_b, c) -> (grad_z_a, grad_z_b)``, in z's dtype.
 
 What each backend runs: its record's ``run_pair_stats`` and ``run_pair_apply`` (``dispatch.Backend``):
-its own fused pair kernels where it has them (reference, cpu, cuda: one pass over each branch for
-the statistics and the invariance sum, one pass writing both gradients, with g and c read on the
-device), else its two halves composed (triton).
+its own pair kernels (cpu, cuda, triton: the statistics and the invariance sum with no n x d
+temporary, one pass writing both gradients with g and c read on the device; reference: the formula
+in torch ops). ``reference.pair_stats_of_halves`` and ``pair_apply_of_halves`` compose a backend's
+halves where it has none.
 
 Cross-rank mode (``group``, a ``distributed.group_key``): n, n mu and the invariance sum of each
 rank (one all-reduce, float64), then each branch's M2 about the global mean (``distributed.

@@ -20,15 +20,23 @@ backward):
 4. apply: grad_x = grad_y + X @ G - 1 v^T (16-bit X, exact in its type: the operands stream from
    memory as stored) or grad_y + (X - mu) @ G (float32 X: centred in registers before the cast).
 
+The VICReg loss's pair kernels (``vicreg_pair_stats_triton``, ``vicreg_pair_apply_triton``; the
+math: ``reference.vicreg_pair_stats_reference`` / ``vicreg_pair_apply_reference``): each branch's
+stats and finalize, the invariance sum sum (Z_a - Z_b)^2 as fixed partial sums added in order, and
+one apply launch over both branches writing grad_a = g (c (Z_a - Z_b) + (Z_a - mu_a) @ G_a) and
+grad_b = g (c (Z_b - Z_a) + (Z_b - mu_b) @ G_b), the invariance part formed in its epilogue.
+
 Precision: ``precision.precision_mode`` (SPEC section 2's table, read from torch's float32 matmul
 setting when the backward runs). Configurations: ``configs`` (a heuristic, and the autotuner's
 lists). Kernels: ``kernels``. Ahead-of-time compile cases for the static checks: ``aot``.
 """
 from .aot import AOT_TARGETS, aot_cases, aot_cases_for
-from .launch import AOTCase, vcreg_apply_triton, vcreg_backward_triton, vcreg_stats_triton
+from .launch import (AOTCase, vcreg_apply_triton, vcreg_backward_triton, vcreg_stats_triton, vicreg_pair_apply_triton,
+                     vicreg_pair_stats_triton)
 from .precision import float32_matmul_setting, precision_mode
 
 __all__ = [
     "AOTCase", "AOT_TARGETS", "aot_cases", "aot_cases_for", "float32_matmul_setting", "precision_mode",
-    "vcreg_apply_triton", "vcreg_backward_triton", "vcreg_stats_triton",
+    "vcreg_apply_triton", "vcreg_backward_triton", "vcreg_stats_triton", "vicreg_pair_apply_triton",
+    "vicreg_pair_stats_triton",
 ]

@@ -6,9 +6,14 @@ dispatcher hands it over) on ``target`` with ``num_sms`` SMs, under the current 
 setting, at the heuristic configurations. It runs the host code itself on meta tensors with the
 launches recorded instead of made.
 
+``aot_cases_for(..., vicreg=True)``: instead, the launches of one VICReg loss (SPEC section 9)
+on two branches of that shape: the pair statistics (each branch's stats and finalize, the
+invariance sum) and the pair apply (each branch's G operand, the one launch writing both
+gradients).
+
 ``aot_cases(target)``: every configuration the host code can launch on ``target``: each dtype
 and precision setting, both operand layouts, the block sizes by d, the autotuner's lists, and the
-d, L and alignment variants Triton's JIT specialises.
+d, L and alignment variants Triton's JIT specialises; for the layer's backward and for the pair.
 """
 from __future__ import annotations
 
@@ -53,14 +58,31 @@ def _record(x3: torch.Tensor, target: tuple, num_sms: int) -> list[AOTCase]:
     return cases
 
 
+def _record_pair(z3: torch.Tensor, target: tuple, num_sms: int) -> list[AOTCase]:
+    """The launches of the VICReg pair's statistics and apply on two branches like ``z3``."""
+    acc = torch.float64 if z3.dtype == torch.float64 else torch.float32
+    d = z3.shape[1]
+    G = torch.empty((d, d), dtype=acc, device="meta")
+    mu = torch.empty((d,), dtype=acc, device="meta")
+    scalar = torch.empty((), dtype=acc, device="meta")
+    zb3 = torch.empty_like(z3)
+    with Lh.recording(target, num_sms) as cases:
+        Lh.vicreg_pair_stats_triton(z3, zb3)
+        Lh.vicreg_pair_apply_triton(scalar, z3, zb3, G, mu, G, mu, scalar)
+    return cases
+
+
 def aot_cases_for(shape, dim: int, dtype: torch.dtype, target: tuple, num_sms: int,
-                  tuning: bool = False) -> list[AOTCase]:
+                  tuning: bool = False, vicreg: bool = False) -> list[AOTCase]:
     """The compile cases of one backward of a contiguous tensor of ``shape`` with features along
     ``dim``, on ``target`` ((backend, arch)) with ``num_sms`` SMs (labels: "stats ...",
-    "finalize ...", "terms", "apply"); ``tuning``: and the autotuner's other configurations."""
+    "finalize ...", "terms", "apply"); ``tuning``: and the autotuner's other configurations.
+    ``vicreg``: those of one VICReg loss on two such branches instead (labels: "stats ...",
+    "finalize M2", "pair_stats ...", "pair_apply ...")."""
     x3 = _canonical(shape, dim, dtype)
-    cases = _record(x3, target, num_sms)
-    return cases + list(_tuning_cases(x3, target)) if tuning else cases
+    record = _record_pair if vicreg else _record
+    cases = record(x3, target, num_sms)
+    return cases + list(_alternatives(cases, x3.shape[1], target, True)) if tuning else cases
 
 
 def _variants(dtype: torch.dtype) -> Iterator[tuple]:
@@ -89,32 +111,30 @@ def aot_cases(target: tuple, tuning: bool = True) -> Iterator[AOTCase]:
         for setting in (SETTINGS if dtype == torch.float32 else SETTINGS[:1]):
             with _precision_setting(setting):
                 for shape, dim in _variants(dtype):
-                    recorded = _record(_canonical(shape, dim, dtype), target, 132)
-                    for case in itertools.chain(recorded, _alternatives(recorded, shape[dim], target, tuning)):
-                        k = key(case)
-                        if k not in seen:
-                            seen.add(k)
-                            yield case
-
-
-def _tuning_cases(x3: torch.Tensor, target: tuple) -> Iterator[AOTCase]:
-    """The autotuner's other configurations of the stats and apply launches of ``x3``."""
-    return _alternatives(_record(x3, target, 132), x3.shape[1], target, True)
+                    for record in (_record, _record_pair):
+                        recorded = record(_canonical(shape, dim, dtype), target, 132)
+                        for case in itertools.chain(recorded, _alternatives(recorded, shape[dim], target, tuning)):
+                            k = key(case)
+                            if k not in seen:
+                                seen.add(k)
+                                yield case
 
 
 def _alternatives(recorded: list, d: int, target: tuple, tuning: bool) -> Iterator[AOTCase]:
-    """Other configurations of the recorded stats and apply launches: the tiles the apply's
-    heuristic chooses between (by n and the SM count), and with ``tuning`` the autotuner's lists."""
+    """Other configurations of the recorded stats and apply (or pair apply) launches: the tiles
+    the apply's heuristic chooses between (by n and the SM count), and with ``tuning`` the
+    autotuner's lists."""
     for case in recorded:
-        if case.label not in ("stats", "apply"):
+        if case.label not in ("stats", "apply", "pair_apply"):
             continue
         mode = case.constexprs["PRECISION"]
         if case.label == "stats":
             others = C.stats_tuning(d, mode, target)[1:] if tuning else []
         else:
             gathered = recorded[0].label == "stats copy"
-            others = (C.apply_tuning(d, mode, target, gathered=gathered) if tuning
-                      else C.apply_choices(d, mode, target, gathered))
+            pair = case.label == "pair_apply"
+            others = (C.apply_tuning(d, mode, target, gathered=gathered, pair=pair) if tuning
+                      else C.apply_choices(d, mode, target, gathered, pair))
         for cfg in others:
             launch = cfg.launch(target)
             yield AOTCase(f"{case.label} {_describe(cfg)}", case.kernel, case.signature,

@@ -89,11 +89,14 @@ def stats_tuning(d: int, mode: str, target: Optional[tuple]) -> list[Config]:
     return [first, cfg(first.threads, first.num_stages + 1, first.per_sm, **dict(first.blocks))]
 
 
-def apply_choices(d: int, mode: str, target: Optional[tuple] = None, gathered: bool = False) -> list[Config]:
+def apply_choices(d: int, mode: str, target: Optional[tuple] = None, gathered: bool = False,
+                  pair: bool = False) -> list[Config]:
     """The GEMM tiles the heuristic chooses between: 128 or 64 samples x 128 output columns x 64
     reduction columns (32 with float32 operands or bf16x3; 16 on sm_8x), 8 warps, a 3-stage ring.
     ``gathered``: grad_y and grad_x in a layout without 16-byte runs (the rows copy's inputs), whose
-    epilogue holds an address per element: 64 samples only, to stay clear of spills."""
+    epilogue holds an address per element: 64 samples only, to stay clear of spills. ``pair``: the
+    VICReg pair apply, whose epilogue holds a tile of each branch beside the accumulator: on sm_8x
+    (mma.sync keeps the operands in registers) 64 samples only, as 128 spill there."""
     if mode == "fp64":
         return [cfg(256, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=8)]
     if _fma_only(target):
@@ -101,15 +104,16 @@ def apply_choices(d: int, mode: str, target: Optional[tuple] = None, gathered: b
     bk = 64 if mode in ("bf16", "fp16") else 16 if _ampere(target) else 32
     if target is None:
         return [cfg(256, 1, BLOCK_M=128, BLOCK_N=128, BLOCK_K=bk)]
-    return [cfg(256, _stages(target, 3), BLOCK_M=bm, BLOCK_N=128, BLOCK_K=bk) for bm in ((64,) if gathered else (128, 64))]
+    narrow = gathered or (pair and _ampere(target))
+    return [cfg(256, _stages(target, 3), BLOCK_M=bm, BLOCK_N=128, BLOCK_K=bk) for bm in ((64,) if narrow else (128, 64))]
 
 
 def apply_config(d: int, mode: str, target: Optional[tuple] = None, n: Optional[int] = None,
-                 num_sms: Optional[int] = None, gathered: bool = False) -> Config:
+                 num_sms: Optional[int] = None, gathered: bool = False, pair: bool = False) -> Config:
     """Of ``apply_choices``, the tile whose whole waves of tiles take least time (model: waves x
     BLOCK_M, a tile's time in proportion to its samples); the first (128 samples, which reads G
     half as often) unless another saves 5%."""
-    choices = apply_choices(d, mode, target, gathered)
+    choices = apply_choices(d, mode, target, gathered, pair)
     if n is None or num_sms is None:
         return choices[0]
 
@@ -121,10 +125,10 @@ def apply_config(d: int, mode: str, target: Optional[tuple] = None, n: Optional[
 
 
 def apply_tuning(d: int, mode: str, target: Optional[tuple], n: Optional[int] = None,
-                 num_sms: Optional[int] = None, gathered: bool = False) -> list[Config]:
+                 num_sms: Optional[int] = None, gathered: bool = False, pair: bool = False) -> list[Config]:
     """The heuristic choice first, the other tile, and (NVIDIA) the ring one stage deeper."""
-    first = apply_config(d, mode, target, n, num_sms, gathered)
-    choices = apply_choices(d, mode, target, gathered)
+    first = apply_config(d, mode, target, n, num_sms, gathered, pair)
+    choices = apply_choices(d, mode, target, gathered, pair)
     out = [first] + [c for c in choices if c != first]
     if target is not None and target[0] == "cuda" and mode != "fp64" and not _fma_only(target):
         out.append(cfg(256, first.num_stages + 1, **dict(choices[0].blocks)))
@@ -141,6 +145,16 @@ def finalize_config(d: int, mode: str, target: Optional[tuple] = None) -> Config
 
 def operand_config(d: int, mode: str, target: Optional[tuple] = None) -> Config:
     return cfg(128, 1, BLOCK_J=16, BLOCK_K=128 if mode != "fp64" else 64)
+
+
+def invariance_config(target: Optional[tuple] = None) -> Config:
+    """The invariance sum's tiles: 2048 elements (8 per thread, 16 bytes and more per load), 4
+    programs per SM; 256 under the interpreter, so that small tests span several programs."""
+    return cfg(256, _stages(target, 3), per_sm=4, BLOCK=256 if target is None else 2048)
+
+
+def sum_config(target: Optional[tuple] = None) -> Config:
+    return cfg(128, 1, BLOCK=128)
 
 
 def copy_config(target: Optional[tuple] = None) -> Config:

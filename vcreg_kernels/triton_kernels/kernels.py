@@ -477,26 +477,17 @@ def _operand_kernel(
             tl.store(T_ptr + 1, tl.where(d > 1, tl.sum(acc_cov, axis=0) / (dd * (dd - 1.0)), 0.0))
 
 
-@triton.jit(do_not_specialize=["n", "B", "d_key", "n_key"])
-def _apply_kernel(
-    X_ptr, GH_ptr, GL_ptr, MU_ptr, V_ptr, SCALE_ptr, GY_ptr, OUT_ptr,
-    n, B, d, dk, ld, x_L, x_stride, L, sb, sd, sl, d_key, n_key,
-    ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr, ACC: tl.constexpr, ALGEBRAIC: tl.constexpr, EMULATE: tl.constexpr,
-    ASM: tl.constexpr,
-):
-    """grad_x[s, j] = grad_y[s, j] + sum_k (X - mu)[s, k] G[k, j] for BLOCK_M samples s and BLOCK_N
-    output columns j, a GEMM over the dk operand columns k in steps of BLOCK_K.
+@triton.jit
+def _apply_product(X_ptr, GH_ptr, GL_ptr, MU_ptr, V_ptr, SCALE_ptr, pid_m, pid_n, n, B, d, dk, ld, x_L, x_stride,
+                   ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   PRECISION: tl.constexpr, ACC: tl.constexpr, ALGEBRAIC: tl.constexpr, EMULATE: tl.constexpr,
+                   ASM: tl.constexpr):
+    """(X - mu) @ G for sample tile pid_m and column block pid_n, (BLOCK_M x BLOCK_N) in ACC: a GEMM
+    over the dk operand columns k in steps of BLOCK_K.
 
     16-bit X (exact in its own type): the algebraic form (X @ GH - 1 v^T) * SCALE with GH, v from
     ``_operand_kernel``: both operands stream from memory as stored. float32 X: X - mu in
-    registers before the cast. grad_y is read and grad_x written once, in x's (B, d, L) strides
-    (sample s = b*L + l). Programs take the column blocks of one sample tile in a row, so
-    that tile of X is read from memory once and from L2 after."""
-    pid = tl.program_id(0)
-    n_nb = tl.cdiv(d, BLOCK_N)
-    pid_m = pid // n_nb
-    pid_n = pid - pid_m * n_nb
+    registers before the cast."""
     sm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -540,8 +531,16 @@ def _apply_kernel(
     if ALGEBRAIC:
         v = tl.load(V_ptr + cn, mask=cn < d, other=0.0)
         acc = (acc - v[None, :]) * tl.load(SCALE_ptr)
-    # Epilogue in grad_x's strides (sb, sd, sl), which grad_y shares: int32 offsets from the
-    # tile's first sample (the host keeps them in range).
+    return acc
+
+
+@triton.jit
+def _tile_offsets(pid_m, pid_n, n, d, L, sb, sd, sl, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The epilogue's addresses of tile (pid_m, pid_n) in the (B, d, L) strides (sb, sd, sl) of
+    grad_x (sample s = b*L + l): the tile's first element (int64), int32 offsets from it (the
+    host keeps them in range), and the mask of the tile's samples and columns in range."""
+    sm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     s0 = pid_m * BLOCK_M
     b0 = s0 // L
     l0 = s0 - b0 * L
@@ -549,8 +548,113 @@ def _apply_kernel(
     offs = ((bo - b0) * sb + (sm - bo * L - l0) * sl)[:, None] + (cn * sd)[None, :]
     base = tl.cast(b0, tl.int64) * sb + tl.cast(l0, tl.int64) * sl
     m = (sm < n)[:, None] & (cn < d)[None, :]
+    return base, offs, m
+
+
+@triton.jit(do_not_specialize=["n", "B", "d_key", "n_key"])
+def _apply_kernel(
+    X_ptr, GH_ptr, GL_ptr, MU_ptr, V_ptr, SCALE_ptr, GY_ptr, OUT_ptr,
+    n, B, d, dk, ld, x_L, x_stride, L, sb, sd, sl, d_key, n_key,
+    ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr, ALGEBRAIC: tl.constexpr, EMULATE: tl.constexpr,
+    ASM: tl.constexpr,
+):
+    """grad_x[s, j] = grad_y[s, j] + sum_k (X - mu)[s, k] G[k, j] for BLOCK_M samples s and BLOCK_N
+    output columns j (``_apply_product``). grad_y is read and grad_x written once, in x's (B, d, L)
+    strides (sample s = b*L + l). Programs take the column blocks of one sample tile in a row, so
+    that tile of X is read from memory once and from L2 after."""
+    pid = tl.program_id(0)
+    n_nb = tl.cdiv(d, BLOCK_N)
+    pid_m = pid // n_nb
+    pid_n = pid - pid_m * n_nb
+    acc = _apply_product(X_ptr, GH_ptr, GL_ptr, MU_ptr, V_ptr, SCALE_ptr, pid_m, pid_n, n, B, d, dk, ld, x_L,
+                         x_stride, ROWS, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, ACC, ALGEBRAIC, EMULATE, ASM)
+    base, offs, m = _tile_offsets(pid_m, pid_n, n, d, L, sb, sd, sl, BLOCK_M, BLOCK_N)
     gy = tl.load(GY_ptr + base + offs, mask=m, other=0.0)
     tl.store(OUT_ptr + base + offs, (gy.to(ACC) + acc).to(OUT_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit(do_not_specialize=["n", "B", "d_key", "n_key"])
+def _pair_apply_kernel(
+    XA_ptr, XB_ptr, GHA_ptr, GLA_ptr, GHB_ptr, GLB_ptr, MUA_ptr, MUB_ptr, VA_ptr, VB_ptr, SCALEA_ptr, SCALEB_ptr,
+    ZA_ptr, ZB_ptr, G_ptr, C_ptr, OUTA_ptr, OUTB_ptr,
+    n, B, d, dk, ld, x_L, x_stride, L, sb, sd, sl, d_key, n_key,
+    ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr, ALGEBRAIC: tl.constexpr, EMULATE: tl.constexpr,
+    ASM: tl.constexpr,
+):
+    """Both gradients of the VICReg pair, each tile of each written once:
+
+        grad_a = g (c (Z_a - Z_b) + (Z_a - mu_a) @ G_a),   grad_b = g (c (Z_b - Z_a) + (Z_b - mu_b) @ G_b)
+
+    g, c: 0-dim tensors (G_ptr, C_ptr). A program computes one tile of one branch's product
+    (``_apply_product`` on that branch's operand XA/XB and G operand), then reads the tile of
+    both z_a and z_b (ZA, ZB, in the gradients' (B, d, L) strides), forms the difference in ACC
+    and multiplies by g before the one rounding to z's dtype. Programs go sample tile by sample
+    tile, within one the branch a columns then branch b's, so both branches' rows of a tile are
+    read from memory once and from L2 after."""
+    pid = tl.program_id(0)
+    n_nb = tl.cdiv(d, BLOCK_N)
+    pid_m = pid // (2 * n_nb)
+    r = pid - pid_m * (2 * n_nb)
+    if r < n_nb:
+        pid_n = r
+        X_ptr, GH_ptr, GL_ptr, MU_ptr, V_ptr, SCALE_ptr = XA_ptr, GHA_ptr, GLA_ptr, MUA_ptr, VA_ptr, SCALEA_ptr
+        OUT_ptr = OUTA_ptr
+        sign = 1.0
+    else:
+        pid_n = r - n_nb
+        X_ptr, GH_ptr, GL_ptr, MU_ptr, V_ptr, SCALE_ptr = XB_ptr, GHB_ptr, GLB_ptr, MUB_ptr, VB_ptr, SCALEB_ptr
+        OUT_ptr = OUTB_ptr
+        sign = -1.0
+    acc = _apply_product(X_ptr, GH_ptr, GL_ptr, MU_ptr, V_ptr, SCALE_ptr, pid_m, pid_n, n, B, d, dk, ld, x_L,
+                         x_stride, ROWS, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, ACC, ALGEBRAIC, EMULATE, ASM)
+    base, offs, m = _tile_offsets(pid_m, pid_n, n, d, L, sb, sd, sl, BLOCK_M, BLOCK_N)
+    za = tl.load(ZA_ptr + base + offs, mask=m, other=0.0).to(ACC)
+    zb = tl.load(ZB_ptr + base + offs, mask=m, other=0.0).to(ACC)
+    gc = tl.load(C_ptr).to(ACC) * sign
+    out = (acc + (za - zb) * gc) * tl.load(G_ptr).to(ACC)
+    tl.store(OUT_ptr + base + offs, out.to(OUT_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit(do_not_specialize=["count", "programs"])
+def _invariance_kernel(
+    ZA_ptr, ZB_ptr, PART_ptr, count, programs,
+    BLOCK: tl.constexpr, ACC: tl.constexpr,
+):
+    """PART[g] = sum (z_a - z_b)^2 over the elements of program g's tiles, two tensors of one
+    shape and strides read as flat arrays of ``count`` elements: tiles of BLOCK elements, program
+    g takes tiles [g T / programs, (g + 1) T / programs) in order, the squares added elementwise
+    in ACC and the block summed (a fixed tree) at the end, stored in float64. Full tiles carry no
+    mask (16-byte loads); the last, partial tile does."""
+    g = tl.program_id(0)
+    T = tl.cdiv(count, BLOCK)
+    full = count // BLOCK
+    t0 = tl.cast(g, tl.int64) * T // programs
+    t1 = tl.cast(g + 1, tl.int64) * T // programs
+    r = tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK,), dtype=ACC)
+    for t in range(t0, tl.minimum(t1, full)):
+        offs = t * BLOCK + r
+        diff = tl.load(ZA_ptr + offs).to(ACC) - tl.load(ZB_ptr + offs).to(ACC)
+        acc += diff * diff
+    if t1 > full:
+        offs = full * BLOCK + r
+        ok = offs < count
+        diff = tl.load(ZA_ptr + offs, mask=ok, other=0.0).to(ACC) - tl.load(ZB_ptr + offs, mask=ok, other=0.0).to(ACC)
+        acc += diff * diff
+    tl.store(PART_ptr + g, tl.sum(acc, axis=0).to(tl.float64))
+
+
+@triton.jit(do_not_specialize=["programs"])
+def _sum_kernel(PART_ptr, OUT_ptr, programs, BLOCK: tl.constexpr):
+    """OUT[0] = the sum of the ``programs`` float64 partial sums PART, BLOCK at a time in order
+    then a fixed tree, rounded once to OUT's dtype (one program)."""
+    r = tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK,), dtype=tl.float64)
+    for p0 in range(0, programs, BLOCK):
+        acc += tl.load(PART_ptr + p0 + r, mask=p0 + r < programs, other=0.0)
+    tl.store(OUT_ptr, tl.sum(acc, axis=0).to(OUT_ptr.dtype.element_ty))
 
 
 @triton.jit(do_not_specialize=["n"])

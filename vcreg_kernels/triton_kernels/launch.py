@@ -9,6 +9,19 @@ A backward is at most five launches, none of which waits for the host:
     terms     the terms, and G in the apply's operand form (transposed, rounded, scaled), v = mu^T G
     apply     the GEMM grad_y + (X - mu) @ G with its epilogue
 
+The VICReg loss's pair (SPEC section 9) on two branches of one shape:
+
+    pair_stats   each branch's copy (where needed), stats and finalize (M2), then the invariance
+                 sum: fixed programs' partial sums over both branches as flat arrays, and one
+                 program adding them in order in float64
+    pair_apply   each branch's G operand, then one launch over both branches' tiles writing both
+                 gradients, the invariance part formed in its epilogue from the tile of each branch
+
+One launch rather than one per branch: both branches' tiles of a sample tile run together, so the
+epilogue's read of the other branch's tile comes from L2, and at the loss's small batches (n = 256,
+d = 2048: 64 tiles per branch on 132 SMs) one grid fills the wave that each branch alone would
+half fill. Its price: both branches' G operands exist at once (d x ld each, in the operand type).
+
 Every launch goes through ``_launch``, which ``recording()`` turns into a list of the compile
 cases it would have launched (``aot.aot_cases_for``): what the static checks compile is what a
 call launches.
@@ -36,7 +49,7 @@ import triton
 
 from .._layout import check_apply_operands, check_canonical
 from .._params import Params
-from ..reference import accumulate_dtype
+from ..reference import _check_pair, accumulate_dtype
 from . import configs as C
 from . import kernels as K
 from .precision import precision_mode
@@ -263,12 +276,15 @@ class _Operand:
     stride: int  # row stride (rows) or d*L (bdl)
 
 
-def _operand(x3: torch.Tensor, run: _Run) -> _Operand:
+def _operand(x3: torch.Tensor, run: _Run, layout: Optional[str] = "auto") -> _Operand:
+    """x3 as the stats and apply read it: in place in ``layout`` ("auto": ``_operand_layout``'s
+    choice), or (None) its rows copy."""
     B, d, L = x3.shape
     n = B * L
     if n > _INT32_MAX:
         raise ValueError(f"vcreg triton backend: {n} samples; at most 2^31 - 1 are supported")
-    layout = _operand_layout(x3)
+    if layout == "auto":
+        layout = _operand_layout(x3)
     if layout == "rows":
         return _Operand(x3, True, n, d, d, 1, d)
     if layout == "bdl":
@@ -363,7 +379,7 @@ _OPERAND_DTYPE = {"bf16x3": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torc
 
 
 def _g_operand(G: torch.Tensor, mu: torch.Tensor, x_dtype: torch.dtype, dk: int, run: _Run,
-               amax: Optional[torch.Tensor] = None, parts: Optional[torch.Tensor] = None):
+               amax: Optional[torch.Tensor] = None, parts: Optional[torch.Tensor] = None, label: str = "apply operand"):
     """Launch the terms kernel: G as the apply's operand (and the terms, where ``parts`` is given)."""
     d, dev = G.shape[0], G.device
     acc = accumulate_dtype(x_dtype)
@@ -387,7 +403,7 @@ def _g_operand(G: torch.Tensor, mu: torch.Tensor, x_dtype: torch.dtype, dk: int,
             parts.shape[0] if with_terms else 0)
     constexprs = dict(PRECISION=mode, ACC=_acc_tl(acc), EMULATE=run.emulate, ASM=run.asm, SCALED=scaled,
                       ALGEBRAIC=algebraic)
-    _launch("terms" if with_terms else "apply operand", K._operand_kernel, (triton.cdiv(d, cfg["BLOCK_J"]),), args,
+    _launch("terms" if with_terms else label, K._operand_kernel, (triton.cdiv(d, cfg["BLOCK_J"]),), args,
             constexprs, cfg, run)
     return _GOperand(GH, GL, V, SCALE, ld), terms
 
@@ -431,6 +447,68 @@ def _apply(gy3: torch.Tensor, x3: torch.Tensor, op: _Operand, gop: _GOperand, mu
 
 
 # --------------------------------------------------------------------------------------------
+# The VICReg pair's own passes.
+# --------------------------------------------------------------------------------------------
+
+
+def _invariance(za3: torch.Tensor, zb3: torch.Tensor, run: _Run) -> torch.Tensor:
+    """sum (Z_a - Z_b)^2 (0-dim, accumulate dtype) of two contiguous tensors of one shape: fixed
+    programs' float64 partial sums, then their fixed-order sum (two launches, no atomics)."""
+    acc = accumulate_dtype(za3.dtype)
+    count = za3.numel()
+    cfg = C.invariance_config(run.target)
+    tiles = triton.cdiv(count, cfg["BLOCK"])
+    programs = max(1, min(tiles, run.num_sms * cfg.per_sm))
+    parts = torch.empty((programs,), dtype=torch.float64, device=za3.device)
+    out = torch.empty((), dtype=acc, device=za3.device)
+    _launch("pair_stats invariance", K._invariance_kernel, (programs,), (za3, zb3, parts, count, programs),
+            dict(ACC=_acc_tl(acc)), cfg, run)
+    _launch("pair_stats invariance sum", K._sum_kernel, (1,), (parts, out, programs), {}, C.sum_config(run.target), run)
+    return out
+
+
+def _pair_operands(za3: torch.Tensor, zb3: torch.Tensor, run: _Run) -> tuple[_Operand, _Operand]:
+    """Both branches as the pair apply reads them, in one form (the kernel's layout arguments are
+    shared): in place where both allow the same layout, else both rows copies."""
+    layout = _operand_layout(za3)
+    if _operand_layout(zb3) != layout:  # the branches' alignments differ
+        layout = None
+    return _operand(za3, run, layout), _operand(zb3, run, layout)
+
+
+def _pair_apply(g: torch.Tensor, za3: torch.Tensor, zb3: torch.Tensor, op_a: _Operand, op_b: _Operand,
+                gop_a: _GOperand, gop_b: _GOperand, mu_a: torch.Tensor, mu_b: torch.Tensor, c: torch.Tensor, run: _Run):
+    B, d, L = za3.shape
+    acc = accumulate_dtype(za3.dtype)
+    gathered = op_a.x is not za3
+    # The product's tiles are those of one apply with twice the samples.
+    tuning = C.apply_tuning(d, run.mode, run.target, 2 * op_a.n, run.num_sms, gathered=gathered, pair=True)
+    out_a = torch.empty_like(za3)
+    if not _tile_offsets_fit(out_a):  # written with samples in rows instead, then put in z's strides
+        out_a = torch.empty((B, L, d), dtype=za3.dtype, device=za3.device).transpose(1, 2)
+        if not _tile_offsets_fit(out_a):
+            raise ValueError(f"vcreg triton backend: {d} features are more than a tile's int32 offsets reach")
+    out_b = torch.empty_like(out_a)
+    za_e, zb_e = za3, zb3  # z as the epilogue reads it: in the gradients' strides
+    if za3.stride() != out_a.stride():
+        za_e, zb_e = torch.empty_like(out_a).copy_(za3), torch.empty_like(out_a).copy_(zb3)
+    n = op_a.n
+    args = (op_a.x, op_b.x, gop_a.GH, gop_a.GL, gop_b.GH, gop_b.GL, mu_a, mu_b, gop_a.V, gop_b.V, gop_a.SCALE,
+            gop_b.SCALE, za_e, zb_e, g, c, out_a, out_b, n, n // op_a.L, d, op_a.dk, gop_a.ld, op_a.L, op_a.stride,
+            L, *out_a.stride(), C.bucket(d), C.bucket(n))
+    constexprs = dict(ROWS=op_a.rows, PRECISION=run.mode, ACC=_acc_tl(acc),
+                      ALGEBRAIC=za3.dtype in (torch.float16, torch.bfloat16), EMULATE=run.emulate, ASM=run.asm)
+
+    def grid(meta):
+        return (2 * triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(d, meta["BLOCK_N"]),)
+
+    _launch_tuned("pair_apply", K._pair_apply_kernel, grid, args, constexprs, tuning, run)
+    if out_a.stride() != za3.stride():
+        out_a, out_b = torch.empty_like(za3).copy_(out_a), torch.empty_like(zb3).copy_(out_b)
+    return out_a, out_b
+
+
+# --------------------------------------------------------------------------------------------
 # Entry points (vcreg_kernels.dispatch).
 # --------------------------------------------------------------------------------------------
 
@@ -466,3 +544,38 @@ def vcreg_backward_triton(gy3: torch.Tensor, x3: torch.Tensor, params: Params) -
     G, mu, parts, amax = _finalize(_stats(op, run), run, True, *params.values())
     gop, terms = _g_operand(G, mu, x3.dtype, op.dk, run, amax=amax, parts=parts)
     return _apply(gy3, x3, op, gop, mu, run), terms
+
+
+def vicreg_pair_stats_triton(za3: torch.Tensor, zb3: torch.Tensor):
+    """(mu_a, M2_a, mu_b, M2_b, sum (Z_a - Z_b)^2) of two canonical (B, d, L) tensors of one shape
+    and dtype, in the accumulate dtype: each branch's stats pass (as ``vcreg_stats_triton``) and
+    the invariance sum from one more read of both."""
+    _check_pair(za3, zb3)
+    run = _run_for(za3)
+    mu_a, M2_a = vcreg_stats_triton(za3)
+    mu_b, M2_b = vcreg_stats_triton(zb3)
+    return mu_a, M2_a, mu_b, M2_b, _invariance(za3, zb3, run)
+
+
+def vicreg_pair_apply_triton(g: torch.Tensor, za3: torch.Tensor, zb3: torch.Tensor, G_a: torch.Tensor,
+                             mu_a: torch.Tensor, G_b: torch.Tensor, mu_b: torch.Tensor, c: torch.Tensor):
+    """(grad_a, grad_b), canonical in z's dtype: grad_a = g (c (Z_a - Z_b) + (Z_a - mu_a) @ G_a), and
+    likewise b with c (Z_b - Z_a); g, c 0-dim tensors. One launch writes both (``_pair_apply_kernel``),
+    after G_a and G_b are put in the operand form: no n x d temporary beyond the gradients where
+    both branches are read in place."""
+    _check_pair(za3, zb3, min_samples=0)
+    check_apply_operands(za3, G_a, mu_a)
+    check_apply_operands(zb3, G_b, mu_b)
+    for name, t in (("g", g), ("c", c)):
+        if t.numel() != 1 or not t.is_floating_point():
+            raise RuntimeError(f"vcreg: {name} must be a one-element floating point tensor, got {tuple(t.shape)} {t.dtype}")
+    if za3.shape[0] * za3.shape[2] == 0:
+        return torch.empty_like(za3), torch.empty_like(zb3)
+    run = _run_for(za3)
+    acc = accumulate_dtype(za3.dtype)
+    G_a, G_b, mu_a, mu_b = (t.to(acc).contiguous() for t in (G_a, G_b, mu_a, mu_b))
+    g, c = g.to(acc).reshape(()), c.to(acc).reshape(())
+    op_a, op_b = _pair_operands(za3, zb3, run)
+    gop_a, _ = _g_operand(G_a, mu_a, za3.dtype, op_a.dk, run, label="pair_apply operand")
+    gop_b, _ = _g_operand(G_b, mu_b, zb3.dtype, op_b.dk, run, label="pair_apply operand")
+    return _pair_apply(g, za3, zb3, op_a, op_b, gop_a, gop_b, mu_a, mu_b, c, run)
