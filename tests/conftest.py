@@ -92,6 +92,35 @@ def make_x3(B, d, L, dtype, mean=0.0, device="cpu"):
     return x3.to(device=device, dtype=dtype)
 
 
+def make_pair3(B, d, L, dtype, mean=0.0, device="cpu"):
+    """Two canonical branches of the VICReg loss: za3 as ``make_x3``, zb3 = za3 + noise of half its
+    spread, in dtype."""
+    za = make_x3(B, d, L, torch.float64, mean)
+    zb = za + 0.5 * torch.randn(za.shape, dtype=torch.float64)
+    return za.to(device=device, dtype=dtype), zb.to(device=device, dtype=dtype)
+
+
+def pair_operands(za3, zb3, g=2.5, gamma=1.5, mu_dtype=None):
+    """(g, G_a, mu_a, G_b, mu_b, c): what the VICReg loss's forward hands a backend's pair_apply at
+    the default coefficients (std 25, cov 1, sim 25: alpha 12.5, beta d - 1, c = 50 / (n d)), G from
+    each branch's float64 statistics; in the accumulate dtype on z's device, mu in ``mu_dtype`` if
+    given. ``gamma=None``: twice the largest standard deviation plus one (every hinge active)."""
+    from vcreg_kernels._params import Params
+    from vcreg_kernels.reference import accumulate_dtype, gradient_matrix_, vicreg_pair_stats_reference
+
+    B, d, L = za3.shape
+    n = B * L
+    acc = accumulate_dtype(za3.dtype)
+    mu_a, M2_a, mu_b, M2_b, _ = vicreg_pair_stats_reference(za3.double(), zb3.double())
+    out = [torch.tensor(float(g), dtype=acc, device=za3.device)]
+    for mu, M2 in ((mu_a, M2_a), (mu_b, M2_b)):
+        hinge = gamma if gamma is not None else 2.0 * (M2.diagonal() / (n - 1) + 1e-4).sqrt().max().item() + 1.0
+        G = gradient_matrix_(M2, n, Params(12.5, d - 1.0, 1e-4, hinge))[0]
+        out += [G.to(acc), mu.to(mu_dtype or acc)]
+    out.append(torch.tensor(50.0 / (n * d), dtype=acc, device=za3.device))
+    return tuple(out)
+
+
 def dtype_id(dtype):
     """Test ids that name the dtype ("float16"), not its position ("dtype2")."""
     return str(dtype).removeprefix("torch.")

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from conftest import assert_within, dtype_id, floor_scale, make_x3, rel_err
+from conftest import assert_within, dtype_id, floor_scale, make_pair3, make_x3, pair_operands, rel_err
 from vcreg_kernels import _extension
 from vcreg_kernels._params import Params
 from vcreg_kernels.reference import (accumulate_dtype, gradient_matrix_, vcreg_backward_reference,
@@ -75,6 +75,23 @@ PLANS = {"rows-grouped": (20000, 100, 1), "bdl-grouped": (8, 96, 1300), "rows-gr
          "bdl-panel-large-n": (4, 256, 3136), "rows-dual": (200, 768, 1), "bdl-dual": (4, 1024, 49)}
 
 
+def assert_same_at_any_thread_count(run):
+    """run() gives bitwise the same outputs twice, and at 1, 3 and 8 threads (more threads than
+    cores is fine: the kernels' split of the work must not depend on the count)."""
+    first, second = run(), run()
+    threads = torch.get_num_threads()
+    others = []
+    try:
+        for count in (1, 3, 8):
+            torch.set_num_threads(count)
+            others.append(run())
+    finally:
+        torch.set_num_threads(threads)
+    for outputs in [second] + others:
+        for a, b in zip(first, outputs):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("size", PLANS.values(), ids=PLANS.keys())
 @pytest.mark.parametrize("delta", [None, 0.05])
 def test_bitwise_repeatable_and_thread_count_independent(size, delta):
@@ -85,18 +102,7 @@ def test_bitwise_repeatable_and_thread_count_independent(size, delta):
     def run():
         return (*torch.ops.vcreg.stats_kernel(x3), *torch.ops.vcreg.backward_kernel(gy3, x3, *args))
 
-    first, second = run(), run()
-    threads = torch.get_num_threads()
-    others = []
-    try:
-        for count in (1, 3, 8):  # more threads than cores is fine: the split must not care
-            torch.set_num_threads(count)
-            others.append(run())
-    finally:
-        torch.set_num_threads(threads)
-    for outputs in [second] + others:
-        for a, b in zip(first, outputs):
-            assert torch.equal(a, b)
+    assert_same_at_any_thread_count(run)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
@@ -124,25 +130,6 @@ PAIR_SPLITS = [(300, 37, 1), (1031, 257, 1), (3, 257, 37), (16, 130, 49), (5, 11
                (8, 96, 1300), (30000, 300, 1), (13, 300, 2500), (2, 1, 3)]
 
 
-def make_pair3(B, d, L, dtype, mean=0.0):
-    """Canonical z_a3, z_b3 = z_a3 + noise (make_x3's features, the noise half their spread)."""
-    za = make_x3(B, d, L, torch.float64, mean)
-    zb = za + 0.5 * torch.randn(za.shape, dtype=torch.float64)
-    return za.to(dtype), zb.to(dtype)
-
-
-def pair_apply_operands(za3, zb3, mu_dtype):
-    """(g, G_a, mu_a, G_b, mu_b, c) as the loss's forward makes them (G at gamma = 1.5, std_coeff
-    = 25, cov_coeff = 1), mu in mu_dtype."""
-    n, d = za3.shape[0] * za3.shape[2], za3.shape[1]
-    acc = accumulate_dtype(za3.dtype)
-    mu_a, M2_a, mu_b, M2_b, _ = vicreg_pair_stats_reference(za3.double(), zb3.double())
-    params = Params(12.5, d - 1.0, 1e-4, 1.5)
-    G_a, G_b = (gradient_matrix_(M2, n, params)[0].to(acc) for M2 in (M2_a, M2_b))
-    return (torch.tensor(2.5, dtype=acc), G_a, mu_a.to(mu_dtype), G_b, mu_b.to(mu_dtype),
-            torch.tensor(50.0 / (n * d), dtype=acc))
-
-
 @pytest.mark.parametrize("size", PAIR_SPLITS, ids=split_id)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=dtype_id)
 def test_pair_kernels_match_the_reference(size, dtype):
@@ -164,7 +151,7 @@ def test_pair_kernels_match_the_reference(size, dtype):
     # The apply with mu in the accumulate dtype (as the loss passes it) and, for float32, in
     # float64: the shift is mu rounded to float32 and the rounding's image corrected.
     for mu_dtype in [acc] + ([torch.float64] if dtype == torch.float32 else []):
-        ops = pair_apply_operands(za3, zb3, mu_dtype)
+        ops = pair_operands(za3, zb3, mu_dtype=mu_dtype)
         args = (ops[0], za3, zb3, *ops[1:])
         ga, gb = torch.ops.vcreg.pair_apply_kernel(*args)
         wa, wb = vicreg_pair_apply_reference(*(t.double() for t in args))
@@ -182,23 +169,12 @@ PAIR_PLANS = {"rows-panel": (256, 512, 1), "bdl-panel": (16, 130, 49), "rows-pan
 @pytest.mark.parametrize("size", PAIR_PLANS.values(), ids=PAIR_PLANS.keys())
 def test_pair_kernels_bitwise_repeatable_and_thread_count_independent(size):
     za3, zb3 = make_pair3(*size, torch.float32, mean=50.0)
-    ops = pair_apply_operands(za3, zb3, torch.float32)
+    ops = pair_operands(za3, zb3, mu_dtype=torch.float32)
 
     def run():
         return (*torch.ops.vcreg.pair_stats_kernel(za3, zb3), *torch.ops.vcreg.pair_apply_kernel(ops[0], za3, zb3, *ops[1:]))
 
-    first, second = run(), run()
-    threads = torch.get_num_threads()
-    others = []
-    try:
-        for count in (1, 3, 8):  # more threads than cores is fine: the split must not care
-            torch.set_num_threads(count)
-            others.append(run())
-    finally:
-        torch.set_num_threads(threads)
-    for outputs in [second] + others:
-        for a, b in zip(first, outputs):
-            assert torch.equal(a, b)
+    assert_same_at_any_thread_count(run)
 
 
 @pytest.mark.parametrize("size", [(300, 7, 1), (3, 7, 37), (20000, 100, 1)], ids=split_id)
@@ -206,7 +182,7 @@ def test_pair_kernels_nonfinite_propagate(size):
     """A NaN in z_a reaches mu_a, its row and column of M2_a, the invariance sum, the whole row of
     grad_a (through G_a) and its own element of grad_b, as the reference's."""
     za3, zb3 = make_pair3(*size, torch.float32)
-    ops = pair_apply_operands(za3, zb3, torch.float32)
+    ops = pair_operands(za3, zb3, mu_dtype=torch.float32)
     za3[1, 2, 0] = float("nan")
     got = torch.ops.vcreg.pair_stats_kernel(za3, zb3)
     want = vicreg_pair_stats_reference(za3.double(), zb3.double())
@@ -252,7 +228,7 @@ def test_pair_kernels_bad_arguments():
 def test_pair_outputs_do_not_share_scratch(size):
     # The pair kernels gather into per-thread scratch kept between calls; nothing they return may live in it.
     za3, zb3 = make_pair3(*size, torch.float32)
-    ops = pair_apply_operands(za3, zb3, torch.float32)
+    ops = pair_operands(za3, zb3, mu_dtype=torch.float32)
     out = (*torch.ops.vcreg.pair_stats_kernel(za3, zb3), *torch.ops.vcreg.pair_apply_kernel(ops[0], za3, zb3, *ops[1:]))
     kept = [t.clone() for t in out]
     xa3, xb3 = make_pair3(*size, torch.float32, mean=3.0)

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import vcreg_kernels
-from conftest import FLOOR, HAS_GPU, MULTIPLE, assert_within, dtype_id, floor_scale, make_x3, rel_err, spec_bound
+from conftest import (FLOOR, HAS_GPU, MULTIPLE, assert_within, dtype_id, floor_scale, make_pair3, pair_operands,
+                      rel_err, spec_bound)
 from vcreg_kernels import dispatch, reference
 from vcreg_kernels._params import Params
 from vcreg_kernels.reference import vicreg_loss_reference
@@ -144,18 +145,6 @@ def test_compiled_backends_have_pair_kernels(name):
     record = dispatch.backend(name)
     assert record.pair_stats is dispatch._compiled_pair_stats
     assert record.pair_apply is dispatch._compiled_pair_apply
-
-
-def pair_operands(za3, zb3):
-    """(g, G_a, mu_a, G_b, mu_b, c) as the loss's forward makes them (gamma = 1.5, the default
-    coefficients), in the accumulate dtype."""
-    n, d = za3.shape[0] * za3.shape[2], za3.shape[1]
-    acc = reference.accumulate_dtype(za3.dtype)
-    mu_a, M2_a, mu_b, M2_b, _ = reference.vicreg_pair_stats_reference(za3.double(), zb3.double())
-    params = Params(12.5, d - 1.0, 1e-4, 1.5)
-    G_a, G_b = (reference.gradient_matrix_(M2, n, params)[0].to(acc) for M2 in (M2_a, M2_b))
-    return (torch.tensor(2.5, dtype=acc, device=za3.device), G_a, mu_a.to(acc), G_b, mu_b.to(acc),
-            torch.tensor(50.0 / (n * d), dtype=acc, device=za3.device))
 
 
 def canonical_pair(B, d, L, dtype, mean=3.0, device="cpu"):
@@ -433,29 +422,16 @@ def pair_size_id(size):
     return ("rows-" if size[2] == 1 else "bdl-") + "x".join(map(str, size))
 
 
-def make_pair3(size, dtype, mean=100.0, device="cuda"):
-    """Canonical branches za3, zb3 = za3 + noise of half their spread (conftest.make_x3), in dtype."""
-    za = make_x3(*size, torch.float64, mean)
-    zb = za + 0.5 * torch.randn(za.shape, dtype=torch.float64)
-    return za.to(device=device, dtype=dtype), zb.to(device=device, dtype=dtype)
+def cuda_pair(size, dtype, mean=100.0):
+    """conftest.make_pair3 of a (B, d, L) size on the GPU."""
+    return make_pair3(*size, dtype, mean=mean, device="cuda")
 
 
-def cuda_pair_operands(za3, zb3, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0):
-    """(g, G_a, mu_a, G_b, mu_b, c) as the loss hands them to pair_apply, in the accumulate dtype:
-    G of the branches' own statistics (float64, every hinge active), g a GradScaler's 2^16, or n d
-    where that is less (the gradient's parts are ~1/(n d): g up to n d keeps them within float16)."""
-    B, d, L = za3.shape
-    n = B * L
-    acc = reference.accumulate_dtype(za3.dtype)
-    out = [torch.tensor(float(min(2**16, n * d)), dtype=acc, device=za3.device)]
-    for z in (za3, zb3):
-        mu, M2 = reference.vcreg_stats_reference(z.double())
-        s = (M2.diagonal() / max(n - 1, 1) + 1e-4).sqrt()
-        params = Params(std_coeff / 2, cov_coeff * (d - 1), 1e-4, 2.0 * s.max().item() + 1.0)
-        G, _ = reference.gradient_matrix(M2 / max(n - 1, 1), n, params)
-        out += [G.to(acc), mu.to(acc)]
-    out.append(torch.tensor(2 * sim_coeff / (n * d), dtype=acc, device=za3.device))
-    return tuple(out)
+def cuda_pair_operands(za3, zb3):
+    """conftest.pair_operands with every hinge active and g a GradScaler's 2^16, or n d where that is
+    less (the gradient's parts are ~1/(n d): g up to n d keeps them within float16)."""
+    n, d = za3.shape[0] * za3.shape[2], za3.shape[1]
+    return pair_operands(za3, zb3, g=min(2**16, n * d), gamma=None)
 
 
 @pytest.mark.gpu
@@ -464,7 +440,7 @@ def cuda_pair_operands(za3, zb3, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0):
 def test_cuda_pair_kernels_match_float64(dtype, size):
     """Both pair kernels at |mu|/std = 100 within conftest's rule (SPEC section 6's bounds): a
     multiple of the error of the reference's pair kernels run at the same dtype, plus the cuda floor."""
-    za3, zb3 = make_pair3(size, dtype)
+    za3, zb3 = cuda_pair(size, dtype)
     B, d, L = size
     acc = reference.accumulate_dtype(dtype)
     got = torch.ops.vcreg.pair_stats_kernel(za3, zb3)
@@ -504,7 +480,7 @@ def test_cuda_pair_kernels_match_float64(dtype, size):
 def test_cuda_pair_kernels_bitwise_repeatable(dtype, size, monkeypatch):
     """SPEC section 8: no atomics, a fixed order in every reduction (the invariance sum's too)."""
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", os.environ.get("CUBLAS_WORKSPACE_CONFIG", ":4096:8"))
-    za3, zb3 = make_pair3(size, dtype, mean=50.0)
+    za3, zb3 = cuda_pair(size, dtype, mean=50.0)
     ops = cuda_pair_operands(za3, zb3)
 
     def run():
@@ -527,7 +503,7 @@ def test_cuda_pair_kernels_bitwise_repeatable(dtype, size, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_cuda_pair_kernels_nonfinite_propagates(dtype, size, bad):
     """NaN/Inf in z_a reach its column's statistics, the invariance sum and both gradients as the math says."""
-    za3, zb3 = make_pair3(size, dtype, mean=0.0)
+    za3, zb3 = cuda_pair(size, dtype, mean=0.0)
     ops = cuda_pair_operands(za3, zb3)  # finite operands: the bad value enters through z_a only
     za3[1, 2, 0] = bad
     got = torch.ops.vcreg.pair_stats_kernel(za3, zb3)
@@ -551,7 +527,7 @@ def test_cuda_pair_apply_memory(dtype):
     gradients plus a bounded scratch (csrc/cuda/vcreg_cuda.cu: kPairScratchBytes of products per
     block), here an eighth of one gradient; the statistics hold one branch's shifted copy at a time."""
     n, d = 32768, 512
-    za3, zb3 = make_pair3((n, d, 1), dtype, mean=3.0)
+    za3, zb3 = cuda_pair((n, d, 1), dtype, mean=3.0)
     ops = cuda_pair_operands(za3, zb3)
     nxd, dxd = za3.numel() * za3.element_size(), 4 * d * d
     scratch = 8 << 20
@@ -580,7 +556,7 @@ def test_cuda_pair_apply_memory(dtype):
 def test_cuda_pair_kernels_graph_capture(dtype, size):
     """No host synchronisation (g and c are read on the device): both pair kernels capture, and a
     replay on new data gives the eager result for that data."""
-    za3, zb3 = make_pair3(size, dtype, mean=20.0)
+    za3, zb3 = cuda_pair(size, dtype, mean=20.0)
     ops = cuda_pair_operands(za3, zb3)
 
     def step():
@@ -595,7 +571,7 @@ def test_cuda_pair_kernels_graph_capture(dtype, size):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = step()
-    new_a, new_b = make_pair3(size, dtype, mean=-5.0)
+    new_a, new_b = cuda_pair(size, dtype, mean=-5.0)
     za3.copy_(new_a)
     zb3.copy_(new_b)
     ops[0].fill_(3.0)  # g, read on the device at replay
