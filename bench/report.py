@@ -46,7 +46,6 @@ import dataclasses  # noqa: E402
 import datetime as _dt  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402

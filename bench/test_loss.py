@@ -3,7 +3,7 @@ timed, the memory is measured, the Markdown section renders, and what was timed 
 the value and the gradients of each backend of ours match facebookresearch/vicreg's formula."""
 import torch
 
-from bench import common, loss
+from bench import loss
 
 # Relative error of ours against facebookresearch's formula evaluated in float32 on the same
 # embeddings: SPEC section 6's bounds where TF32 may be on (the Triton kernels' float32 tl.dot on

@@ -8,6 +8,7 @@ Tests that need a GPU carry ``@pytest.mark.gpu`` (the (backend, "cuda") paramete
 backend-parametrised tests carry it too); where no GPU exists they are skipped at collection, so
 ``pytest -m "not gpu"`` runs everything else with no skip and ``pytest -m gpu`` selects them all.
 """
+import contextlib
 import os
 import zlib
 
@@ -119,6 +120,17 @@ def pair_operands(za3, zb3, g=2.5, gamma=1.5, mu_dtype=None):
         out += [G.to(acc), mu.to(mu_dtype or acc)]
     out.append(torch.tensor(50.0 / (n * d), dtype=acc, device=za3.device))
     return tuple(out)
+
+
+@contextlib.contextmanager
+def deterministic():
+    """torch.use_deterministic_algorithms(True) within, as before afterwards."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 def dtype_id(dtype):

@@ -12,7 +12,7 @@ import torch
 from conftest import assert_within, dtype_id, floor_scale, make_pair3, make_x3, pair_operands, rel_err
 from vcreg_kernels import _extension
 from vcreg_kernels._params import Params
-from vcreg_kernels.reference import (accumulate_dtype, gradient_matrix_, vcreg_backward_reference,
+from vcreg_kernels.reference import (accumulate_dtype, vcreg_backward_reference,
                                      vcreg_stats_reference, vicreg_pair_apply_reference, vicreg_pair_stats_reference)
 
 # Only a build that opted out of the extension may go without these kernels: anywhere else a

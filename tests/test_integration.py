@@ -17,6 +17,7 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuB
 
 import vcreg_kernels  # noqa: E402
 from vcreg_kernels import VCReg, reference  # noqa: E402
+from conftest import deterministic  # noqa: E402
 
 
 def naive(model, x, y):
@@ -335,16 +336,12 @@ def test_loss_scale_workaround(backend_device):
 
 def test_deterministic_algorithms_give_bitwise_repeatable_gradients(backend_device):
     _, device = backend_device
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic():
         x, y = (t.to(device) for t in small_batch())
         runs = []
         for _ in range(2):
             model = small_model().to(device)
             runs.append(step(model, x, y))
-    finally:
-        torch.use_deterministic_algorithms(previous)
     (g0, t0), (g1, t1) = runs
     assert all(torch.equal(g0[k], g1[k]) for k in g0)
     assert all(torch.equal(t0[k], t1[k]) for k in t0)

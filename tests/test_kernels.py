@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from conftest import BACKEND_DEVICES, assert_within, dtype_id, floor_scale, gamma_between, make_x3, rel_err
+from conftest import BACKEND_DEVICES, assert_within, deterministic, dtype_id, floor_scale, gamma_between, make_x3, rel_err
 from vcreg_kernels import dispatch
 from vcreg_kernels._params import Params
 from vcreg_kernels.reference import (
@@ -212,12 +212,8 @@ def test_bitwise_repeatable(case, size, monkeypatch):
     def run():
         return (*record.stats(x3), *record.run_backward(gy3, x3, params), record.apply(gy3, x3, G, mu))
 
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic():
         first, second = run(), run()
-    finally:
-        torch.use_deterministic_algorithms(previous)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 

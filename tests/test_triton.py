@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 import vcreg_kernels.triton_kernels as tk
-from conftest import HAS_GPU, assert_within, dtype_id
+from conftest import HAS_GPU, assert_within, deterministic, dtype_id
 from vcreg_kernels import reference as ref
 from vcreg_kernels._params import Params
 from vcreg_kernels.triton_kernels import configs, kernels, launch, precision
@@ -51,16 +51,6 @@ def matmul_precision(setting):
     finally:
         torch.set_float32_matmul_precision(legacy)
         torch.backends.cuda.matmul.fp32_precision = fp32
-
-
-@contextlib.contextmanager
-def deterministic():
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before)
 
 
 def mode_of(dtype, setting="highest"):

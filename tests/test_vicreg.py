@@ -15,10 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import vcreg_kernels
-from conftest import (FLOOR, HAS_GPU, MULTIPLE, assert_within, dtype_id, floor_scale, make_pair3, pair_operands,
-                      rel_err, spec_bound)
+from conftest import (FLOOR, HAS_GPU, MULTIPLE, assert_within, deterministic, dtype_id, floor_scale, make_pair3,
+                      pair_operands, rel_err, spec_bound)
 from vcreg_kernels import dispatch, reference
-from vcreg_kernels._params import Params
 from vcreg_kernels.reference import vicreg_loss_reference
 
 COEFFS = dict(sim_coeff=20.0, std_coeff=30.0, cov_coeff=2.0)
@@ -487,12 +486,8 @@ def test_cuda_pair_kernels_bitwise_repeatable(dtype, size, monkeypatch):
         return (*torch.ops.vcreg.pair_stats_kernel(za3, zb3),
                 *torch.ops.vcreg.pair_apply_kernel(ops[0], za3, zb3, *ops[1:]))
 
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic():
         first, second = run(), run()
-    finally:
-        torch.use_deterministic_algorithms(previous)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
