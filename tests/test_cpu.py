@@ -119,6 +119,29 @@ def test_outputs_do_not_share_scratch(dtype, size):
         assert torch.equal(t, k)
 
 
+
+def test_grad_x_memory_comes_back_for_the_next_call():
+    # grad_x takes the memory of a freed grad_x of its size (no fresh pages to fault in), never
+    # that of one still alive, and the profiler sees it as it sees the CPU allocator's.
+    x3, gy3 = make_x3(4, 24, 50, torch.float32), make_x3(4, 24, 50, torch.float32)
+    args = (0.5, 0.2, 1e-4, 2.0, None)
+    want = torch.ops.vcreg.backward_kernel(gy3, x3, *args)[0].clone()
+    first = torch.ops.vcreg.backward_kernel(gy3, x3, *args)[0]
+    second = torch.ops.vcreg.backward_kernel(gy3, x3, *args)[0]
+    assert first.data_ptr() != second.data_ptr()
+    assert torch.equal(first, want) and torch.equal(second, want)
+    ptr = second.data_ptr()
+    del second
+    other = torch.empty_like(want)  # the C allocator would hand it the block just freed
+    third = torch.ops.vcreg.backward_kernel(gy3, x3, *args)[0]
+    assert third.data_ptr() == ptr and other.data_ptr() != ptr and torch.equal(third, want)
+    del third
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fourth = torch.ops.vcreg.backward_kernel(gy3, x3, *args)[0]
+        del fourth
+    sizes = [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    assert want.nbytes in sizes and -want.nbytes in sizes
+
 # --- the VICReg pair kernels (vcreg::pair_stats_kernel, pair_apply_kernel) ----------------------
 # Against the reference backend's pair kernels, which state their semantics. (B, d, L) reaching
 # every plan: the pair panel (both branches gathered at once; d < 128 where grouped does not

@@ -20,6 +20,7 @@ def load() -> bool:
     return True
 
 
+@functools.cache
 def has_kernel(device_type: str) -> bool:
     """Whether the compiled ``vcreg::backward_kernel`` has a kernel for ``device_type`` ("cpu", "cuda")."""
     if not load():
