@@ -5,8 +5,9 @@
 * Layer-level cases: one forward+backward, ``y = layer(x); y.backward(grad)`` with a fixed random
   ``grad``, of identity, naive autograd (``(x * grad).sum() + vcreg_loss(x)``), the paper's
   Algorithm 1, naive under torch.compile, BatchNorm2d / LayerNorm, and each backend of ours.
-* Measurement: median over explicit warm-up and rounds (CUDA events on a GPU, perf_counter on
-  a CPU), the device's copy bandwidth, and the peak memory of one step.
+* Measurement: median, p20 and p80 over explicit warm-up and rounds, the cases of one group
+  interleaved round by round (CUDA events on a GPU, perf_counter on a CPU), the device's copy
+  bandwidth, and the peak memory of one step.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import statistics
 import time
 import warnings
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -404,13 +405,37 @@ def warm_up(fn: Callable[[], None], device: torch.device, calls: int, seconds: f
     return warm[-1] if warm else None
 
 
-def measure(fn: Callable[[], None], device: torch.device, warmup: int, min_rounds: int, max_rounds: int,
-            budget_s: float, warmup_s: float = 0.0) -> list[float]:
-    """``warm_up``, then the per-round times of ``rounds_for(last warm-up call)`` timed calls,
-    back to back (not interleaved with other cases, which would charge each case for what the
-    previous one leaves behind)."""
-    estimate = warm_up(fn, device, warmup, warmup_s)
-    return time_rounds(fn, device, rounds_for(estimate, min_rounds, max_rounds, budget_s))
+def measure_interleaved(fns: dict[str, Callable[[], None]], device: torch.device, warmup: int, min_rounds: int,
+                        max_rounds: int, budget_s: float, warmup_s: float = 0.0,
+                        ) -> dict[str, Union[list[float], BaseException]]:
+    """Per-round times of each case of one group, its rounds interleaved with the others'.
+
+    Each case is warmed up (``warm_up``) and gets ``rounds_for(its last warm-up call)`` rounds;
+    then the cases take turns, one round each on a CPU (a block of up to ``_GPU_GROUP`` rounds
+    behind one sleep on a GPU), until each has its rounds: a slow or busy moment of a shared
+    machine falls on every case alike, so ratios within the group are taken in the same
+    conditions. A case that raises keeps its exception in place of its times and leaves the turns.
+    """
+    out: dict[str, Union[list[float], BaseException]] = {}
+    left: dict[str, int] = {}
+    for key, fn in fns.items():
+        try:
+            left[key] = rounds_for(warm_up(fn, device, warmup, warmup_s), min_rounds, max_rounds, budget_s)
+            out[key] = []
+        except Exception as e:  # noqa: BLE001
+            out[key] = e
+    block = _GPU_GROUP if device.type == "cuda" else 1
+    while left:
+        for key in list(left):
+            try:
+                out[key] += time_rounds(fns[key], device, min(block, left[key]))
+                left[key] -= min(block, left[key])
+            except Exception as e:  # noqa: BLE001
+                out[key] = e
+                left[key] = 0
+            if left[key] == 0:
+                del left[key]
+    return out
 
 
 def pedantic(benchmark, case: Case, device: torch.device, size: Size) -> Optional[float]:

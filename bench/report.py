@@ -62,7 +62,7 @@ from pytest_benchmark.utils import get_commit_info  # noqa: E402
 from . import common, cpu_ratios, loss  # noqa: E402
 from .common import (ALPHA, BETA, EPS, SIZES, LayerShape, Size, Variant, auto_backend,  # noqa: E402
                      benchmarked_backends, forced_backend, impl_label, layer_impl_keys, make_inputs,
-                     make_layer_case, measure, moved_bytes, ours_key, peak_bytes, release_memory)
+                     make_layer_case, measure_interleaved, moved_bytes, ours_key, peak_bytes, release_memory)
 from .networks import NETWORKS, NetworkBench, network_impl_keys  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,36 +111,50 @@ def _error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {first[:200]}"
 
 
+def _record_error(row: dict, e: BaseException) -> None:
+    row["error"] = _error_text(e)
+    if os.environ.get("VCREG_BENCH_TRACEBACK"):
+        traceback.print_exception(e)
+
+
 def _measure_group(factories: dict[str, Callable[[], common.Case]], device: torch.device, warmup: int,
                    warmup_s: float, min_rounds: int, max_rounds: int, budget_s: float, progress: Progress,
                    what: str) -> dict[str, dict]:
-    """Time each case of one group (one shape and dtype, or one network) and measure its peak
-    memory. Errors are recorded in the rows, never raised: one failing implementation must not
-    stop the report."""
-    rows: dict[str, dict] = {}
+    """Time the cases of one group (one shape and dtype, or one network), their rounds interleaved
+    (``common.measure_interleaved``), then measure each one's peak memory. Errors are recorded in
+    the rows, never raised: one failing implementation must not stop the report."""
+    rows: dict[str, dict] = {key: {"error": None} for key in factories}
+    labels = dict.fromkeys(factories, "")
+    cases: dict[str, common.Case] = {}
     for key, factory in factories.items():
-        rows[key] = row = {"error": None}
-        case = None
         try:
-            case = factory()
-            progress.step(f"{what} {case.label}")
-            times = measure(case.run, device, warmup, min_rounds, max_rounds, budget_s, warmup_s)
+            cases[key] = factory()
+            labels[key] = cases[key].label
+        except Exception as e:  # noqa: BLE001
+            labels[key] = key
+            _record_error(rows[key], e)
+    try:
+        timed = measure_interleaved({k: c.run for k, c in cases.items()}, device, warmup, min_rounds, max_rounds,
+                                    budget_s, warmup_s)
+        for key, case in cases.items():
+            row, times = rows[key], timed[key]
+            if isinstance(times, BaseException):
+                _record_error(row, times)
+                continue
             row.update(times_s=times, **common.spread(times), rounds=len(times), warmup=warmup,
                        compile_s=case.compile_s)
-            row["peak_bytes"] = peak_bytes(case, device)
-            progress.result(_fmt_time(row["median_s"]))
-        except Exception as e:  # noqa: BLE001
-            if case is None:
-                progress.step(f"{what} {key}")
-            row["error"] = _error_text(e)
-            progress.result("ERROR " + row["error"])
-            if os.environ.get("VCREG_BENCH_TRACEBACK"):
-                traceback.print_exc()
-        finally:
-            if case is not None:
-                case.clear()
-            del case  # its closures hold the step's tensors; the next case gets the memory
-            release_memory(device)
+            try:
+                row["peak_bytes"] = peak_bytes(case, device)
+            except Exception as e:  # noqa: BLE001
+                _record_error(row, e)
+    finally:
+        for case in cases.values():
+            case.clear()
+        cases.clear()  # their closures hold the steps' tensors; the next group gets the memory
+        release_memory(device)
+    for key, row in rows.items():
+        progress.step(f"{what} {labels[key]}")
+        progress.result("ERROR " + row["error"] if row["error"] else _fmt_time(row["median_s"]))
     return rows
 
 
@@ -324,8 +338,8 @@ def to_markdown(report: dict) -> str:
             "Identity's backward hands `grad` to `x.grad` without a copy, so it measures the autograd "
             "floor. GB/s: 4 activation-sized tensors (x twice, grad_y, grad_x) over the median time. "
             "Extra peak: memory allocated during the step above identity's (grad_x included). "
-            "naive ÷: how many times faster than naive autograd. Median [p20, p80] over the rounds; the "
-            "ratios are of medians. The naive + torch.compile row states its compile time (the first call's).",
+            "naive ÷: how many times faster than naive autograd. Median [p20, p80] over the rounds, the "
+            "rounds of one shape and dtype interleaved case by case; the ratios are of medians. The naive + torch.compile row states its compile time (the first call's).",
             "",
         ]
         for variant in dict.fromkeys(r["variant"] for r in layer):
@@ -357,7 +371,8 @@ def to_markdown(report: dict) -> str:
             f"Forward + cross-entropy on random labels + backward, float32, batch {first.get('batch')}, "
             f"{first.get('image')}x{first.get('image')} images, randomly initialised torchvision models in "
             "training mode, a layer after every block (ViT-B/32: 12 EncoderBlocks, tokens, LayerNorm as BN; "
-            "ConvNeXt-T: 18 CNBlocks; ResNet-50: 16 Bottlenecks).",
+            "ConvNeXt-T: 18 CNBlocks; ResNet-50: 16 Bottlenecks). Median [p20, p80], the rounds of one "
+            "network interleaved case by case.",
             "",
             "| network | inserted | implementation | median [p20, p80] | × identity | overhead | extra peak MiB |",
             "| --- | ---: | --- | ---: | ---: | ---: | ---: |",

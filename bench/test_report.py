@@ -32,3 +32,27 @@ def test_error_rows_are_found_in_every_section():
         rep = {s: [ok] for s in sections}
         rep[section] = [ok, bad]
         assert report.error_rows(rep) == [bad]
+
+
+def test_the_cases_of_a_group_take_turns():
+    """``common.measure_interleaved``: after each case's warm-up, one round of each case in turn
+    (on a CPU) until each has its rounds; a case that raises keeps its exception and leaves the
+    turns, the others go on."""
+    import torch
+
+    from bench import common
+
+    calls = []
+
+    def case(name, fail_at=None):
+        def run():
+            calls.append(name)
+            if fail_at is not None and calls.count(name) == fail_at:
+                raise RuntimeError(f"{name} failed")
+        return run
+
+    timed = common.measure_interleaved({"a": case("a"), "b": case("b", fail_at=3), "c": case("c")},
+                                       torch.device("cpu"), warmup=1, min_rounds=4, max_rounds=4, budget_s=0.0)
+    assert calls[:3] == ["a", "b", "c"]  # the warm-ups
+    assert calls[3:] == ["a", "b", "c", "a", "b", "c", "a", "c", "a", "c"]
+    assert len(timed["a"]) == len(timed["c"]) == 4 and isinstance(timed["b"], RuntimeError)
