@@ -40,6 +40,7 @@ from vcreg_kernels._params import Params  # noqa: E402
 from vcreg_kernels import triton_kernels as tk  # noqa: E402
 from vcreg_kernels.reference import accumulate_dtype  # noqa: E402
 from vcreg_kernels.triton_kernels import configs, launch  # noqa: E402
+from vcreg_kernels.triton_kernels.precision import matmul_precision  # noqa: E402
 
 from .common import PAPER_SHAPES, LayerShape, make_inputs, time_rounds, warm_up  # noqa: E402
 
@@ -68,16 +69,6 @@ def autotune(on: bool) -> Iterator[None]:
         yield
     finally:
         launch.AUTOTUNE = saved
-
-
-@contextlib.contextmanager
-def matmul_precision(setting: str) -> Iterator[None]:
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(setting)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(before)
 
 
 def describe(cfg: configs.Config) -> str:

@@ -12,7 +12,6 @@ the regulariser's gradient Xc @ G, must be within 4x the error that plain PyTorc
 at the input dtype) makes, plus a floor for what the products' precision mode adds, and within
 the SPEC's bound for the dtype and torch precision setting.
 """
-import contextlib
 import math
 
 import pytest
@@ -26,6 +25,7 @@ from conftest import HAS_GPU, assert_within, deterministic, dtype_id
 from vcreg_kernels import reference as ref
 from vcreg_kernels._params import Params
 from vcreg_kernels.triton_kernels import configs, kernels, launch, precision
+from vcreg_kernels.triton_kernels.precision import matmul_precision
 
 DEV = "cuda" if HAS_GPU else "cpu"
 # What each product mode adds to plain PyTorch's own error (relative, per SPEC section 2's
@@ -38,19 +38,6 @@ ALPHA, BETA, EPS = 0.75, 0.625, 2.0**-13
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 # (B-scale, L): rows (L = 1), bdl read in place (L a multiple of 16), bdl through the rows copy.
 LAYOUTS = [pytest.param(1, id="rows"), pytest.param(16, id="bdl"), pytest.param(7, id="bdl-copy")]
-
-
-@contextlib.contextmanager
-def matmul_precision(setting):
-    """torch's float32 matmul precision set to ``setting`` within (both APIs restored after)."""
-    fp32 = torch.backends.cuda.matmul.fp32_precision
-    legacy = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(setting)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(legacy)
-        torch.backends.cuda.matmul.fp32_precision = fp32
 
 
 def mode_of(dtype, setting="highest"):
@@ -178,7 +165,7 @@ def test_float16_gradient_matrix_is_scaled():
 def test_rows_copy_where_offsets_would_overflow(monkeypatch):
     """A "bdl" tensor whose tiles' int32 offsets would overflow is read through the rows copy, and
     grad_x written with samples in rows, then put in x3's strides."""
-    monkeypatch.setattr(launch, "_INT32_MAX", 1000)
+    monkeypatch.setattr(launch, "INT32_MAX", 1000)
     x3 = make_x3(5, 7, 32, torch.float64)
     assert launch._operand_layout(x3) is None
     x3, gy3, got, terms, want, terms_want, plain, scale = backward_case(5, 7, 32, torch.float64)

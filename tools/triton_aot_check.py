@@ -53,6 +53,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 import machine_code  # noqa: E402
 from vcreg_kernels import triton_kernels as tk  # noqa: E402
+from vcreg_kernels.triton_kernels.precision import matmul_precision  # noqa: E402
 
 CHECK_TARGETS = {("cuda", 90): 132, ("cuda", 80): 108, ("hip", "gfx90a"): 104, ("hip", "gfx942"): 304}
 # The autotuner's alternatives are compiled for these (it skips, on the user's GPU, a configuration
@@ -96,13 +97,9 @@ def _check_cases(targets):
         for vicreg, shapes in ((False, _paper_shapes()), (True, _loss_shapes())):
             for shape in shapes:
                 for dtype, setting in CHECK_DTYPES:
-                    before = torch.get_float32_matmul_precision()
-                    torch.set_float32_matmul_precision(setting)
-                    try:
+                    with matmul_precision(setting):
                         cases = tk.aot_cases_for(shape.shape, shape.dim, getattr(torch, dtype), target,
                                                  CHECK_TARGETS[target], vicreg=vicreg)
-                    finally:
-                        torch.set_float32_matmul_precision(before)
                     seen = set()  # the pair's two branches launch the same stats compilation
                     for c in cases:
                         if _key(target, c) not in seen:

@@ -17,7 +17,6 @@ d, L and alignment variants Triton's JIT specialises; for the layer's backward a
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 from typing import Iterator
 
@@ -28,20 +27,9 @@ from .._params import Params
 from . import configs as C
 from . import launch as Lh
 from .launch import AOTCase
-from .precision import SETTINGS
+from .precision import SETTINGS, matmul_precision
 
 AOT_TARGETS = (("cuda", 80), ("cuda", 90), ("hip", "gfx906"), ("hip", "gfx90a"), ("hip", "gfx942"))
-
-
-@contextlib.contextmanager
-def _precision_setting(setting: str) -> Iterator[None]:
-    """torch's float32 matmul precision set to ``setting`` within, restored after."""
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(setting)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(before)
 
 
 def _canonical(shape, dim: int, dtype: torch.dtype) -> torch.Tensor:
@@ -109,7 +97,7 @@ def aot_cases(target: tuple, tuning: bool = True) -> Iterator[AOTCase]:
 
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         for setting in (SETTINGS if dtype == torch.float32 else SETTINGS[:1]):
-            with _precision_setting(setting):
+            with matmul_precision(setting):
                 for shape, dim in _variants(dtype):
                     for record in (_record, _record_pair):
                         recorded = record(_canonical(shape, dim, dtype), target, 132)

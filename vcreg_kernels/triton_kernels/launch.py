@@ -47,7 +47,7 @@ from typing import Iterator, Optional
 import torch
 import triton
 
-from .._layout import check_apply_operands, check_canonical
+from .._layout import INT32_MAX, check_apply_operands, check_canonical
 from .._params import Params
 from ..reference import _check_pair, accumulate_dtype
 from . import configs as C
@@ -58,7 +58,6 @@ AUTOTUNE = os.environ.get("VCREG_TRITON_AUTOTUNE", "1") != "0"  # "0": the heuri
 # The stats schedule gives each program at least this many sample tiles (BLOCK_S samples each).
 STATS_MIN_STEPS = 4
 APPLY_MAX_BLOCK_M = 128  # the largest BLOCK_M of configs.apply_tuning
-_INT32_MAX = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -194,7 +193,7 @@ def _signature(kernel, args: tuple, constexprs: dict) -> tuple[dict, dict, dict]
         elif isinstance(value, bool):
             signature[name] = "u1"
         else:
-            big = not -(2**31) <= value <= _INT32_MAX
+            big = not -(2**31) <= value <= INT32_MAX
             if no_spec:
                 signature[name] = "i64" if big else "i32"
             elif value == 1:
@@ -260,7 +259,7 @@ def _operand_layout(x3: torch.Tensor) -> Optional[str]:
         return None
     if L == 1 and (d == 1 or x3.stride(1) == 1) and (B == 1 or x3.stride(0) == d) and d % 16 == 0:
         return "rows"
-    if x3.is_contiguous() and L % 16 == 0 and d * L <= _INT32_MAX and _tile_offsets_fit(x3):
+    if x3.is_contiguous() and L % 16 == 0 and d * L <= INT32_MAX and _tile_offsets_fit(x3):
         return "bdl"
     return None
 
@@ -281,7 +280,7 @@ def _operand(x3: torch.Tensor, run: _Run, layout: Optional[str] = "auto") -> _Op
     choice), or (None) its rows copy."""
     B, d, L = x3.shape
     n = B * L
-    if n > _INT32_MAX:
+    if n > INT32_MAX:
         raise ValueError(f"vcreg triton backend: {n} samples; at most 2^31 - 1 are supported")
     if layout == "auto":
         layout = _operand_layout(x3)
@@ -417,7 +416,7 @@ def _tile_offsets_fit(t: torch.Tensor) -> bool:
         span = (APPLY_MAX_BLOCK_M - 1) * sl
     else:
         span = ((APPLY_MAX_BLOCK_M - 1) // L + 1) * sb + (L - 1) * sl
-    return span + (d - 1) * sd <= _INT32_MAX
+    return span + (d - 1) * sd <= INT32_MAX
 
 
 def _apply(gy3: torch.Tensor, x3: torch.Tensor, op: _Operand, gop: _GOperand, mu: torch.Tensor, run: _Run):

@@ -21,7 +21,8 @@ with matrix units: on NVIDIA bf16 products run at twice TF32's rate, and on AMD 
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
 import torch
 
@@ -54,6 +55,22 @@ def float32_matmul_setting() -> str:
         return "high" if torch.backends.cuda.matmul.allow_tf32 else "highest"
     except RuntimeError:
         return "highest"
+
+
+@contextlib.contextmanager
+def matmul_precision(setting: str) -> Iterator[None]:
+    """torch's float32 matmul precision set to ``setting`` ("highest", "high", "medium") within;
+    afterwards both of torch's APIs as they were (``torch.backends.cuda.matmul.fp32_precision``
+    too, where it exists: a test may have set it directly)."""
+    fp32 = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    legacy = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(setting)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(legacy)
+        if fp32 is not None:
+            torch.backends.cuda.matmul.fp32_precision = fp32
 
 
 def has_matrix_units(target: Optional[tuple]) -> bool:
