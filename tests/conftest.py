@@ -122,6 +122,15 @@ def pair_operands(za3, zb3, g=2.5, gamma=1.5, mu_dtype=None):
     return tuple(out)
 
 
+@pytest.fixture
+def highest_fp32_matmul():
+    """torch's default float32 matmul precision ("highest") within the test, the previous after."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(previous)
+
+
 @contextlib.contextmanager
 def deterministic():
     """torch.use_deterministic_algorithms(True) within, as before afterwards."""

@@ -50,13 +50,8 @@ def cases(dtypes=DTYPES, sizes=True):
     return out
 
 
-@pytest.fixture(autouse=True)
-def _ieee_fp32_matmul():
-    # The float32 bounds here are those of torch's default precision; keep it.
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    yield
-    torch.set_float32_matmul_precision(previous)
+# The float32 bounds here are those of torch's default matmul precision; keep it.
+pytestmark = pytest.mark.usefixtures("highest_fp32_matmul")
 
 
 @pytest.mark.parametrize("mean", [0.0, 1000.0])

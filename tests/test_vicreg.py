@@ -23,13 +23,8 @@ from vcreg_kernels.reference import vicreg_loss_reference
 COEFFS = dict(sim_coeff=20.0, std_coeff=30.0, cov_coeff=2.0)
 
 
-@pytest.fixture(autouse=True)
-def _ieee_fp32_matmul():
-    # The float32 bounds here are those of torch's default precision; keep it.
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    yield
-    torch.set_float32_matmul_precision(previous)
+# The float32 bounds here are those of torch's default matmul precision; keep it.
+pytestmark = pytest.mark.usefixtures("highest_fp32_matmul")
 
 
 def make_pair(shape, dtype=torch.float64, mean=0.0, gap=0.5, device="cpu"):
@@ -165,8 +160,6 @@ def test_triton_pair_kernels_equal_the_composition(shape, dtype):
     (``reference.pair_stats_of_halves``, ``pair_apply_of_halves``), within the rule's bound of
     each against the float64 reference."""
     record = dispatch.backend("triton")
-    if record.unavailable("cpu") is not None and not HAS_GPU:
-        pytest.skip(record.unavailable("cpu"))
     assert record.pair_stats is not None and record.pair_apply is not None
     device = "cuda" if HAS_GPU else "cpu"
     za3, zb3 = canonical_pair(*shape, dtype, device=device)
