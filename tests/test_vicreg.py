@@ -246,6 +246,21 @@ def test_low_precision_mean100(backend_device, dtype, sim_coeff):
         assert err <= MULTIPLE * rel(plain, w) + floor, f"{err:.3g} against plain PyTorch's {rel(plain, w):.3g}"
 
 
+@pytest.mark.parametrize("backend", [b for b in ("reference", "cpu") if b in dispatch.available_backends("cpu")])
+def test_float32_terms_of_a_wide_projector(backend):
+    """float32 at d = 4096 (VICReg's projectors are 2048 to 8192 wide): the covariance term sums
+    d^2 squares of M2, and every term stays within SPEC's float32 bound of its float64 value."""
+    z_a, z_b = make_pair((64, 4096), dtype=torch.float32)
+    want = reference.vicreg_terms_of(z_a.double(), z_b.double(), gamma=1.5)
+    vcreg_kernels.set_backend(backend)
+    try:
+        got = vcreg_kernels.vicreg_terms(z_a, z_b, gamma=1.5)
+    finally:
+        vcreg_kernels.set_backend("auto")
+    for name, g, w in zip(("inv", "var", "cov"), got.double(), want):
+        assert abs(g - w) <= spec_bound(torch.float32, backend, "cpu") * abs(w), f"{name}: {g.item()} against {w.item()}"
+
+
 def test_float16_with_a_loss_scale(backend_device):
     """float16 gradients under a GradScaler's 2^16: the ~1/(n d) parts must not underflow before
     the scale multiplies them."""
