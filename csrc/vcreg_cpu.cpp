@@ -107,6 +107,7 @@
 #include <atomic>
 #include <cmath>
 #include <deque>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -313,11 +314,46 @@ inline void prefetch(const T* p, bool write) {
 #endif
 }
 
+// The BLAS's own entry points (Fortran, LP64), which torch's MKL builds export. A product through
+// at::cpu::mm_out builds three tensors and goes through the dispatcher; the backward makes about 90
+// products at (4, 96, 56, 56), and calling the BLAS directly made it 2-4% faster at ConvNeXt-T's
+// shapes (2-core Xeon). Where the symbols are absent (weak, null), products go through mm_out.
+extern "C" void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                       const int*, const float*, const int*, const float*, float*, const int*) __attribute__((weak));
+extern "C" void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
+                       const int*, const double*, const int*, const double*, double*, const int*)
+    __attribute__((weak));
+
+template <typename T>
+bool blas_gemm(char transa, char transb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
+               int64_t ldb, T beta, T* c, int64_t ldc) {
+  constexpr int64_t kMax = std::numeric_limits<int>::max();
+  if (std::max({m, n, k, lda, ldb, ldc}) > kMax) return false;
+  const int m_ = static_cast<int>(m), n_ = static_cast<int>(n), k_ = static_cast<int>(k);
+  const int lda_ = static_cast<int>(std::max<int64_t>(lda, 1)), ldb_ = static_cast<int>(std::max<int64_t>(ldb, 1));
+  const int ldc_ = static_cast<int>(std::max<int64_t>(ldc, 1));
+  if constexpr (std::is_same_v<T, float>) {
+    if (sgemm_ == nullptr) return false;
+    sgemm_(&transa, &transb, &m_, &n_, &k_, &alpha, a, &lda_, b, &ldb_, &beta, c, &ldc_);
+    return true;
+  } else if constexpr (std::is_same_v<T, double>) {
+    if (dgemm_ == nullptr) return false;
+    dgemm_(&transa, &transb, &m_, &n_, &k_, &alpha, a, &lda_, b, &ldb_, &beta, c, &ldc_);
+    return true;
+  }
+  return false;
+}
+
 // C (m x k2, row-major, leading dimension ldc) = op(A) op(B) on row-major operands: op(A) is
-// m x k (A stored k x m when ta), op(B) is k x k2 (B stored k2 x k when tb).
+// m x k (A stored k x m when ta), op(B) is k x k2 (B stored k2 x k when tb). Row-major C is
+// column-major C^T = op(B)^T op(A)^T, which is how the BLAS is called.
 template <typename T>
 void gemm(bool ta, const T* A, int64_t lda, bool tb, const T* B, int64_t ldb, T* C, int64_t ldc, int64_t m,
           int64_t k2, int64_t k) {
+  if (m == 0 || k2 == 0) return;
+  if (blas_gemm<T>(tb ? 'T' : 'N', ta ? 'T' : 'N', k2, m, k, T(1), B, ldb, A, lda, T(0), C, ldc)) {
+    return;
+  }
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   T* a = const_cast<T*>(A);
   T* b = const_cast<T*>(B);

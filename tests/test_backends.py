@@ -231,6 +231,34 @@ def test_torch_compile_fullgraph_matches_eager(backend_device):
         torch.testing.assert_close(c, e, rtol=tol, atol=tol * e.abs().max().item())
 
 
+def test_backward_op_is_seen_by_whatever_intercepts(backend_device):
+    """In plain eager the layer's backward calls the op's implementation itself; anything that
+    watches ops (a dispatch mode here; tracing and torch.compile likewise) still sees
+    ``vcreg::fused_backward_terms``, and both routes give the same gradient, bitwise."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    _, device = backend_device
+    x = torch.randn(3, 6, 4, 5, device=device) + 2.0
+    grad_y = torch.randn_like(x)
+    eager = _grads(x, grad_y, 1, alpha=0.5, beta=0.5)
+    seen = Seen()
+    with seen:
+        watched = _grads(x, grad_y, 1, alpha=0.5, beta=0.5)
+    assert "vcreg.fused_backward_terms" in seen.ops
+    assert torch.equal(watched, eager)
+    direct = torch.ops.vcreg.fused_backward(grad_y, x, 0.5, 0.5, 1e-4, 1.0, None, 1)
+    assert torch.equal(direct, eager)
+
+
 def test_torch_compile_forward_does_not_copy(backend_device):
     _, device = backend_device
     torch._dynamo.reset()

@@ -26,7 +26,9 @@ def vcreg(
     ``scale="paper"``: the covariance coefficient is beta * (n - 1), n the sample count of x (of the
     group's batch in the cross-rank mode), so that the paper's alpha/beta grid applies as printed.
     """
-    return torch.ops.vcreg.fused(x, alpha, beta, eps, gamma, delta, dim, scale)
+    # What torch.ops.vcreg.fused runs, without its round trip through the dispatcher (about 90 us
+    # with cold caches, 5 us with warm ones).
+    return _ops.vcreg_function(x, Params(alpha, beta, eps, gamma, delta), dim, scale=scale)
 
 
 class VCReg(nn.Module):
