@@ -156,7 +156,7 @@ class _VCRegFunction(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         if _plain_eager(grad_y, x):
             alpha, beta, eps, gamma, delta, dim, group, scale = ctx.params
-            grad_x, terms = _backward(grad_y, x, Params(alpha, beta, eps, gamma, delta), dim, group, scale,
+            grad_x, terms = _backward(grad_y, x, Params.of(alpha, beta, eps, gamma, delta), dim, group, scale,
                                       checked=True)
         else:
             grad_x, terms = torch.ops.vcreg.fused_backward_terms(grad_y, x, *ctx.params)

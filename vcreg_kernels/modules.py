@@ -28,7 +28,7 @@ def vcreg(
     """
     # What torch.ops.vcreg.fused runs, without its round trip through the dispatcher (about 90 us
     # with cold caches, 5 us with warm ones).
-    return _ops.vcreg_function(x, Params(alpha, beta, eps, gamma, delta), dim, scale=scale)
+    return _ops.vcreg_function(x, Params.of(alpha, beta, eps, gamma, delta), dim, scale=scale)
 
 
 class VCReg(nn.Module):
