@@ -316,7 +316,7 @@ inline void prefetch(const T* p, bool write) {
 
 // The BLAS's own entry points (Fortran, LP64), which torch's MKL builds export. A product through
 // at::cpu::mm_out builds three tensors and goes through the dispatcher; the backward makes about 90
-// products at (4, 96, 56, 56), and calling the BLAS directly made it 2-4% faster at ConvNeXt-T's
+// products at (16, 96, 56, 56), and calling the BLAS directly made it 2-4% faster at ConvNeXt-T's
 // shapes (2-core Xeon). Where the symbols are absent (weak, null), products go through mm_out.
 extern "C" void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
                        const int*, const float*, const int*, const float*, float*, const int*) __attribute__((weak));
