@@ -115,6 +115,13 @@ def _fused_backward_terms_fake(grad_y, x, alpha, beta, eps, gamma, delta, dim, g
     return torch.empty_like(x, dtype=grad_y.dtype), x.new_empty(2, dtype=accumulate_dtype(x.dtype))
 
 
+# torch's own tests of "nothing intercepts" (private: where a torch release lacks one, the backward
+# always goes through the op).
+_HAS_INTERCEPT_CHECKS = all(hasattr(m, a) for m, a in ((torch._C, "_len_torch_dispatch_stack"),
+                                                        (torch._C, "_is_torch_function_mode_enabled"),
+                                                        (getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor")))
+
+
 def _plain_eager(*tensors: torch.Tensor) -> bool:
     """Whether calling the backward op's implementation directly does exactly what calling the op
     would: plain tensors (no fake, functional or functorch-wrapped ones), no dispatch or
@@ -125,6 +132,7 @@ def _plain_eager(*tensors: torch.Tensor) -> bool:
     intercepts or differentiates the backward still sees ``vcreg::fused_backward_terms``."""
     # is_compiling first: Dynamo, tracing this backward, folds it to True and reads no further.
     return (not torch.compiler.is_compiling()
+            and _HAS_INTERCEPT_CHECKS
             and not torch.is_grad_enabled()
             and torch._C._len_torch_dispatch_stack() == 0
             and not torch._C._is_torch_function_mode_enabled()
