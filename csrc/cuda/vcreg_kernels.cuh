@@ -203,6 +203,25 @@ shift_estimate_kernel(const T* __restrict__ x, int64_t n, int64_t d, int64_t L, 
   if (ts == 0 && j < d) K[j] = ns > 0 ? to_acc(from_acc<T>(acc / A(ns))) : A(0);
 }
 
+// The "rows" tiling of shift_rows_kernel and the apply epilogues: W threads across features (tj),
+// TS = kThreads / W along samples (ts); feature j = blockIdx.x * W + tj, rows [r0, r1) of chunk
+// blockIdx.y.
+struct RowsTile {
+  int tj, ts, TS;
+  int64_t j, r0, r1;
+};
+
+__device__ __forceinline__ RowsTile rows_tile(int W, int64_t n, int64_t rows_per_chunk) {
+  RowsTile t;
+  t.tj = threadIdx.x % W;
+  t.ts = threadIdx.x / W;
+  t.TS = kThreads / W;
+  t.j = blockIdx.x * static_cast<int64_t>(W) + t.tj;
+  t.r0 = blockIdx.y * rows_per_chunk;
+  t.r1 = t.r0 + rows_per_chunk < n ? t.r0 + rows_per_chunk : n;
+  return t;
+}
+
 // "rows" layout: Y[r, j] = T(X[r, j] - K_j) for the rows of chunk blockIdx.y and the columns of
 // tile blockIdx.x (width W, a power of two <= 32, so each row's read is one coalesced segment);
 // kSums: partial[blockIdx.y, j] = sum over the chunk of X[r, j] - K_j before its rounding to T,
@@ -216,12 +235,7 @@ shift_rows_kernel(const T* __restrict__ x, const A* __restrict__ K, int64_t n, i
                   int64_t rows_per_chunk, T* __restrict__ y, A* __restrict__ partial,
                   const T* __restrict__ other = nullptr, A* __restrict__ inv_partial = nullptr) {
   __shared__ A smem[kThreads];
-  const int tj = threadIdx.x % W;
-  const int ts = threadIdx.x / W;
-  const int TS = kThreads / W;
-  const int64_t j = blockIdx.x * static_cast<int64_t>(W) + tj;
-  const int64_t r0 = blockIdx.y * rows_per_chunk;
-  const int64_t r1 = r0 + rows_per_chunk < n ? r0 + rows_per_chunk : n;
+  const auto [tj, ts, TS, j, r0, r1] = rows_tile(W, n, rows_per_chunk);
   A sum = A(0), sq = A(0);
   if (j < d) {
     const A k = K[j];
@@ -480,13 +494,8 @@ __global__ void __launch_bounds__(kThreads)
 epilogue_rows_kernel(const GY* __restrict__ gy, const A* __restrict__ P, const A* __restrict__ r,
                      const A* __restrict__ inv_scale, int64_t n, int64_t d, int W, int64_t rows_per_chunk,
                      GY* __restrict__ out) {
-  const int tj = threadIdx.x % W;
-  const int ts = threadIdx.x / W;
-  const int TS = kThreads / W;
-  const int64_t j = blockIdx.x * static_cast<int64_t>(W) + tj;
+  const auto [tj, ts, TS, j, r0, r1] = rows_tile(W, n, rows_per_chunk);
   if (j >= d) return;
-  const int64_t r0 = blockIdx.y * rows_per_chunk;
-  const int64_t r1 = r0 + rows_per_chunk < n ? r0 + rows_per_chunk : n;
   const A rj = r != nullptr ? r[j] : A(0);
   const A inv = inv_scale != nullptr ? inv_scale[0] : A(1);
   int64_t s = r0 + ts;
@@ -553,13 +562,8 @@ pair_epilogue_rows_kernel(const T* __restrict__ za, const T* __restrict__ zb, co
                           const A* __restrict__ inv_scale_a, const A* __restrict__ inv_scale_b,
                           const A* __restrict__ g, const A* __restrict__ c, int64_t n, int64_t d, int W,
                           int64_t rows_per_chunk, T* out_a, T* __restrict__ out_b) {
-  const int tj = threadIdx.x % W;
-  const int ts = threadIdx.x / W;
-  const int TS = kThreads / W;
-  const int64_t j = blockIdx.x * static_cast<int64_t>(W) + tj;
+  const auto [tj, ts, TS, j, r0, r1] = rows_tile(W, n, rows_per_chunk);
   if (j >= d) return;
-  const int64_t r0 = blockIdx.y * rows_per_chunk;
-  const int64_t r1 = r0 + rows_per_chunk < n ? r0 + rows_per_chunk : n;
   const A gv = g[0], cv = c[0];
   const A ia = inv_scale_a != nullptr ? inv_scale_a[0] : A(1);
   const A ib = inv_scale_b != nullptr ? inv_scale_b[0] : A(1);
