@@ -1319,8 +1319,8 @@ inline void invariance_row(const scalar_t* __restrict a, const scalar_t* __restr
   }
 }
 
-// sum (a - b)^2 along one feature's run of len samples ("bdl") into lanes, lane u taking the
-// values at u mod kLanes (shift_run's order).
+// sum (a - b)^2 over len consecutive values (one feature's run of samples in "bdl", or a block of
+// a whole tensor) into lanes, lane u taking the values at u mod kLanes (shift_run's order).
 template <typename scalar_t, typename acc_t>
 inline void invariance_run(const scalar_t* __restrict a, const scalar_t* __restrict b, int64_t len,
                            acc_t* __restrict lane) {
@@ -1396,17 +1396,7 @@ double invariance_sum(const scalar_t* a, const scalar_t* b, int64_t count) {
     for (int64_t k0 = q * kInvarianceChunk; k0 < i1; k0 += kLanes * kSumBlock) {
       const int64_t k1 = std::min(i1, k0 + kLanes * kSumBlock);
       acc_t lane[kLanes] = {};
-      int64_t k = k0;
-      for (; k + kLanes <= k1; k += kLanes) {
-        for (int u = 0; u < kLanes; ++u) {
-          const acc_t t = static_cast<acc_t>(a[k + u]) - static_cast<acc_t>(b[k + u]);
-          lane[u] += t * t;
-        }
-      }
-      for (int u = 0; k < k1; ++k, ++u) {
-        const acc_t t = static_cast<acc_t>(a[k]) - static_cast<acc_t>(b[k]);
-        lane[u] += t * t;
-      }
+      invariance_run(a + k0, b + k0, k1 - k0, lane);
       sum += static_cast<double>(sum_lanes(lane));
     }
     part[q] = sum;
