@@ -53,16 +53,18 @@ _lib.define("pair_apply_kernel(Tensor g, Tensor za, Tensor zb, Tensor Ga, Tensor
             "Tensor c) -> (Tensor, Tensor)")
 
 
-def _backward(grad_y, x, params: Params, dim, group, scale="exact", checked=False):
-    """(grad_x, terms): both backward ops' implementation; ``dispatch`` picks the backend.
+def _backward(grad_y, x, params: Params, dim, group, scale="exact"):
+    """(grad_x, terms): both backward ops' implementation; ``dispatch`` picks the backend."""
+    # In the cross-rank mode only the global n must reach 2: distributed.py checks it.
+    dim = check_args(x, params, dim, min_samples=2 if group is None else 0)
+    if grad_y.shape != x.shape:
+        raise ValueError(f"vcreg: grad_y has shape {tuple(grad_y.shape)}, x has {tuple(x.shape)}")
+    return _checked_backward(grad_y, x, params, dim, group, scale)
 
-    ``checked``: the arguments are those that ``vcreg_function`` checked when the layer ran, ``dim``
-    normalised, and grad_y has x's shape (autograd checks that of an output's gradient)."""
-    if not checked:
-        # In the cross-rank mode only the global n must reach 2: distributed.py checks it.
-        dim = check_args(x, params, dim, min_samples=2 if group is None else 0)
-        if grad_y.shape != x.shape:
-            raise ValueError(f"vcreg: grad_y has shape {tuple(grad_y.shape)}, x has {tuple(x.shape)}")
+
+def _checked_backward(grad_y, x, params: Params, dim, group, scale):
+    """``_backward`` on arguments already checked: ``dim`` normalised, grad_y of x's shape (what
+    ``vcreg_function`` checked when the layer ran, and autograd of an output's gradient)."""
     # A backward run inside torch.autocast would otherwise cast the reference's matmuls (and the
     # finalisation's) to bf16/fp16: the backends keep their own precision policy (SPEC section 2).
     # Outside autocast the context is skipped (entering it costs about 4 us per call).
@@ -164,8 +166,8 @@ class _VCRegFunction(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         if _plain_eager(grad_y, x):
             alpha, beta, eps, gamma, delta, dim, group, scale = ctx.params
-            grad_x, terms = _backward(grad_y, x, Params.of(alpha, beta, eps, gamma, delta), dim, group, scale,
-                                      checked=True)
+            grad_x, terms = _checked_backward(grad_y, x, Params.of(alpha, beta, eps, gamma, delta), dim, group,
+                                              scale)
         else:
             grad_x, terms = torch.ops.vcreg.fused_backward_terms(grad_y, x, *ctx.params)
         if ctx.terms_out is not None:
