@@ -35,6 +35,13 @@
 // K' = mu rounded to the accumulate dtype and subtracts the rounding's image (mu - K') G, a
 // d-vector in float64.
 //
+// Operands (SPEC section 2's precision table). float32 and float64 input multiply in their own
+// dtype. bfloat16 input multiplies bfloat16 operands where the CPU multiplies bfloat16 natively
+// (AVX512-BF16 or AMX, through MKL's gemm_bf16bf16f32; bf16_products): the shifted or centred
+// values and G, each formed in float32 and rounded once to bfloat16, with float32 products and
+// sums; the dual plan then runs in float32, and only where n <= d / 2 (vcreg_backward_cpu says
+// why). float16 input, and bfloat16 on other CPUs, multiply in float32.
+//
 // Plans, chosen by n, d and whether delta is set (never by the thread count):
 //   dual (backward_kernel; delta None, n <= d, X within kPanelMaxBytes). Without a clip G is M2
 //     scaled off its diagonal: G = kappa M2 + diag(h), kappa = 4 beta / (d (d-1) (n-1)^2),
@@ -160,7 +167,7 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Scratch memory kept per calling thread and reused by later calls. The temporaries are a few MiB;
 // allocated afresh on each call they fragment the heap so that grad_x often lands on fresh pages,
 // which the kernel then faults in and zeroes (~1 ms for a 10 MB gradient, as much as a product).
-enum class Scratch { kGramAcc, kGramPanel, kGramProd, kG, kApply, kCount };
+enum class Scratch { kGramAcc, kGramPanel, kGramProd, kG, kApply, kOperandPanel, kOperandG, kCount };
 
 void* scratch_bytes(Scratch slot, int64_t bytes) {
   thread_local at::Tensor buffers[static_cast<int>(Scratch::kCount)];
@@ -323,22 +330,49 @@ extern "C" void sgemm_(const char*, const char*, const int*, const int*, const i
 extern "C" void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
                        const int*, const double*, const int*, const double*, double*, const int*)
     __attribute__((weak));
+// bfloat16 operands, float32 products and sums (MKL's gemm_bf16bf16f32; MKL_BF16 is bfloat16's
+// bits, as at::BFloat16 holds them).
+extern "C" void gemm_bf16bf16f32_(const char*, const char*, const int*, const int*, const int*, const float*,
+                                  const at::BFloat16*, const int*, const at::BFloat16*, const int*, const float*,
+                                  float*, const int*) __attribute__((weak));
 
-template <typename T>
-bool blas_gemm(char transa, char transb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
-               int64_t ldb, T beta, T* c, int64_t ldc) {
+// Products of bfloat16 operands where the BLAS has them and the CPU multiplies bfloat16 natively
+// (AVX512-BF16 or AMX; MKL picks the instructions), for sizes within the BLAS's int32 arguments.
+// One thread's product ran at 2 to 5 times the rate of float32's at the shapes the plans make
+// (2-core Xeon with AMX: 280-770 against 155-170 GFLOP/s).
+bool bf16_products(int64_t n, int64_t d) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  static const bool native = gemm_bf16bf16f32_ != nullptr &&
+                             (__builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16"));
+#else
+  constexpr bool native = false;
+#endif
+  return native && std::max(n, d) <= std::numeric_limits<int>::max();
+}
+
+// C = alpha op(A) op(B) + beta C (column-major, the BLAS's own arguments) for operands of type T
+// and C of type C_t: float, double, or bfloat16 operands into float. False where the BLAS lacks
+// the entry point or a size passes int32.
+template <typename T, typename C_t>
+bool blas_gemm(char transa, char transb, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
+               int64_t ldb, C_t* c, int64_t ldc) {
   constexpr int64_t kMax = std::numeric_limits<int>::max();
   if (std::max({m, n, k, lda, ldb, ldc}) > kMax) return false;
   const int m_ = static_cast<int>(m), n_ = static_cast<int>(n), k_ = static_cast<int>(k);
   const int lda_ = static_cast<int>(std::max<int64_t>(lda, 1)), ldb_ = static_cast<int>(std::max<int64_t>(ldb, 1));
   const int ldc_ = static_cast<int>(std::max<int64_t>(ldc, 1));
-  if constexpr (std::is_same_v<T, float>) {
+  const C_t one(1), zero(0);
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<C_t, float>) {
     if (sgemm_ == nullptr) return false;
-    sgemm_(&transa, &transb, &m_, &n_, &k_, &alpha, a, &lda_, b, &ldb_, &beta, c, &ldc_);
+    sgemm_(&transa, &transb, &m_, &n_, &k_, &one, a, &lda_, b, &ldb_, &zero, c, &ldc_);
     return true;
-  } else if constexpr (std::is_same_v<T, double>) {
+  } else if constexpr (std::is_same_v<T, double> && std::is_same_v<C_t, double>) {
     if (dgemm_ == nullptr) return false;
-    dgemm_(&transa, &transb, &m_, &n_, &k_, &alpha, a, &lda_, b, &ldb_, &beta, c, &ldc_);
+    dgemm_(&transa, &transb, &m_, &n_, &k_, &one, a, &lda_, b, &ldb_, &zero, c, &ldc_);
+    return true;
+  } else if constexpr (std::is_same_v<T, at::BFloat16> && std::is_same_v<C_t, float>) {
+    if (gemm_bf16bf16f32_ == nullptr) return false;
+    gemm_bf16bf16f32_(&transa, &transb, &m_, &n_, &k_, &one, a, &lda_, b, &ldb_, &zero, c, &ldc_);
     return true;
   }
   return false;
@@ -346,21 +380,55 @@ bool blas_gemm(char transa, char transb, int64_t m, int64_t n, int64_t k, T alph
 
 // C (m x k2, row-major, leading dimension ldc) = op(A) op(B) on row-major operands: op(A) is
 // m x k (A stored k x m when ta), op(B) is k x k2 (B stored k2 x k when tb). Row-major C is
-// column-major C^T = op(B)^T op(A)^T, which is how the BLAS is called.
-template <typename T>
-void gemm(bool ta, const T* A, int64_t lda, bool tb, const T* B, int64_t ldb, T* C, int64_t ldc, int64_t m,
+// column-major C^T = op(B)^T op(A)^T, which is how the BLAS is called. bfloat16 operands (into
+// float C) only where bf16_products holds.
+template <typename T, typename C_t>
+void gemm(bool ta, const T* A, int64_t lda, bool tb, const T* B, int64_t ldb, C_t* C, int64_t ldc, int64_t m,
           int64_t k2, int64_t k) {
   if (m == 0 || k2 == 0) return;
-  if (blas_gemm<T>(tb ? 'T' : 'N', ta ? 'T' : 'N', k2, m, k, T(1), B, ldb, A, lda, T(0), C, ldc)) {
+  if (blas_gemm(tb ? 'T' : 'N', ta ? 'T' : 'N', k2, m, k, B, ldb, A, lda, C, ldc)) {
     return;
   }
-  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  T* a = const_cast<T*>(A);
-  T* b = const_cast<T*>(B);
-  const at::Tensor ta_ = ta ? at::from_blob(a, {k, m}, {lda, 1}, opts).t() : at::from_blob(a, {m, k}, {lda, 1}, opts);
-  const at::Tensor tb_ = tb ? at::from_blob(b, {k2, k}, {ldb, 1}, opts).t() : at::from_blob(b, {k, k2}, {ldb, 1}, opts);
-  at::Tensor c = at::from_blob(C, {m, k2}, {ldc, 1}, opts);
-  at::cpu::mm_out(c, ta_, tb_);
+  if constexpr (std::is_same_v<T, C_t>) {
+    const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+    T* a = const_cast<T*>(A);
+    T* b = const_cast<T*>(B);
+    const at::Tensor ta_ = ta ? at::from_blob(a, {k, m}, {lda, 1}, opts).t() : at::from_blob(a, {m, k}, {lda, 1}, opts);
+    const at::Tensor tb_ =
+        tb ? at::from_blob(b, {k2, k}, {ldb, 1}, opts).t() : at::from_blob(b, {k, k2}, {ldb, 1}, opts);
+    at::Tensor c = at::from_blob(C, {m, k2}, {ldc, 1}, opts);
+    at::cpu::mm_out(c, ta_, tb_);
+  } else {
+    TORCH_INTERNAL_ASSERT(false, "vcreg: a product of bfloat16 operands without bf16_products");
+  }
+}
+
+// Calls f with a null pointer to the products' operand type for x's dtype (SPEC section 2's
+// precision table): bfloat16 input multiplies bfloat16 operands (its shifted or centred values
+// and G, each rounded once to bfloat16 from the accumulate dtype) where bf16_products holds; all
+// else, float16 input included, multiplies in the accumulate dtype.
+template <typename scalar_t, typename F>
+void with_operand_type(int64_t n, int64_t d, const F& f) {
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    if (bf16_products(n, d)) {
+      f(static_cast<at::BFloat16*>(nullptr));
+      return;
+    }
+  }
+  f(static_cast<at::opmath_type<scalar_t>*>(nullptr));
+}
+
+// G (count values) as a product operand: G itself, or G rounded to op_t into buf (count values;
+// by default this thread's scratch).
+template <typename op_t, typename acc_t>
+const op_t* as_operand(const acc_t* G, int64_t count, op_t* buf = nullptr) {
+  if constexpr (std::is_same_v<op_t, acc_t>) {
+    return G;
+  } else {
+    op_t* h = buf != nullptr ? buf : scratch<op_t>(Scratch::kOperandG, count);
+    for (int64_t i = 0; i < count; ++i) h[i] = static_cast<op_t>(G[i]);
+    return h;
+  }
 }
 
 // Requests the cache lines of a row segment [p, p + len) ahead of its use: the d x d and n x n
@@ -426,32 +494,33 @@ acc_t sum_lanes(const acc_t* lane) {
   return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
 }
 
-// dst = src - k over len values; kSums adds them to lane.
-template <bool kSums, typename scalar_t, typename acc_t>
-inline void shift_run(const scalar_t* __restrict src, acc_t k, acc_t* __restrict dst, int64_t len,
+// dst = src - k over len values, rounded to the operand type op_t; kSums adds them (unrounded)
+// to lane.
+template <bool kSums, typename scalar_t, typename acc_t, typename op_t>
+inline void shift_run(const scalar_t* __restrict src, acc_t k, op_t* __restrict dst, int64_t len,
                       acc_t* __restrict lane) {
   int64_t i = 0;
   for (; i + kLanes <= len; i += kLanes) {
     for (int u = 0; u < kLanes; ++u) {
       const acc_t v = static_cast<acc_t>(src[i + u]) - k;
-      dst[i + u] = v;
+      dst[i + u] = static_cast<op_t>(v);
       if constexpr (kSums) lane[u] += v;
     }
   }
   for (int u = 0; i < len; ++i, ++u) {
     const acc_t v = static_cast<acc_t>(src[i]) - k;
-    dst[i] = v;
+    dst[i] = static_cast<op_t>(v);
     if constexpr (kSums) lane[u] += v;
   }
 }
 
-// dst = src - K over a row of w features; kSums adds them to part (w).
-template <bool kSums, typename scalar_t, typename acc_t>
-inline void shift_row(const scalar_t* __restrict src, const acc_t* __restrict K, acc_t* __restrict dst, int64_t w,
+// dst = src - K over a row of w features, rounded to op_t; kSums adds them to part (w).
+template <bool kSums, typename scalar_t, typename acc_t, typename op_t>
+inline void shift_row(const scalar_t* __restrict src, const acc_t* __restrict K, op_t* __restrict dst, int64_t w,
                       acc_t* __restrict part) {
   for (int64_t j = 0; j < w; ++j) {
     const acc_t v = static_cast<acc_t>(src[j]) - K[j];
-    dst[j] = v;
+    dst[j] = static_cast<op_t>(v);
     if constexpr (kSums) part[j] += v;
   }
 }
@@ -476,14 +545,15 @@ inline void add_row(const grad_t* __restrict gy, const acc_t* __restrict t, cons
   }
 }
 
-// Features j0 <= j < j1 of samples s0 .. s0+count-1 of P = X - 1 K^T, in the accumulate dtype,
-// written to P (sample r, feature j) at P[r * ldp + j] ("rows") or P[j * ldp + r] ("bdl": samples
-// along a feature row). kSums adds P's column sums to sums[j] (float64), summing at most
+// Features j0 <= j < j1 of samples s0 .. s0+count-1 of P = X - 1 K^T, computed in the accumulate
+// dtype and stored in the operand type op_t (acc_t, or bfloat16: see Operands), written to P
+// (sample r, feature j) at P[r * ldp + j] ("rows") or P[j * ldp + r] ("bdl": samples along a
+// feature row). kSums adds the column sums of X - 1 K^T to sums[j] (float64), summing at most
 // kSumBlock values per partial sum in acc_t: cheap, and bounded error even where K is a poor
 // estimate of mu.
-template <bool kSums, typename scalar_t, typename acc_t>
+template <bool kSums, typename scalar_t, typename acc_t, typename op_t>
 void gather_shifted(const scalar_t* x, const Shape& sh, int64_t s0, int64_t count, int64_t j0, int64_t j1,
-                    const acc_t* K, acc_t* P, int64_t ldp, double* sums) {
+                    const acc_t* K, op_t* P, int64_t ldp, double* sums) {
   const int64_t d = sh.d, w = j1 - j0;
   if (sh.rows()) {
     std::vector<acc_t> part(kSums ? w : 0, acc_t(0));
@@ -569,28 +639,49 @@ void centre_columns(const Shape& sh, acc_t* P, int64_t ldp, int64_t j0, int64_t 
   }
 }
 
-// The panel and dual plans' operand: every sample of X - 1 (K + m)^T in the accumulate dtype, in
-// this thread's scratch, with m = S / n rounded to acc_t. Centring while a feature block's
-// columns are in cache costs n d; correcting Q or the apply by S afterwards would cost d^2 each.
-template <typename acc_t>
+// Features j0 <= j < j1 of all n samples of P rounded to op_t into out (P's layout).
+template <typename acc_t, typename op_t>
+void round_columns(const Shape& sh, const acc_t* P, int64_t ldp, int64_t j0, int64_t j1, op_t* out) {
+  const auto narrow = [](const acc_t* __restrict src, op_t* __restrict dst, int64_t len) {
+    for (int64_t i = 0; i < len; ++i) dst[i] = static_cast<op_t>(src[i]);
+  };
+  if (sh.rows()) {
+    for (int64_t r = 0; r < sh.n; ++r) narrow(P + r * ldp + j0, out + r * ldp + j0, j1 - j0);
+  } else {
+    for (int64_t j = j0; j < j1; ++j) narrow(P + j * ldp, out + j * ldp, sh.n);
+  }
+}
+
+// The panel and dual plans' operand: every sample of X - 1 (K + m)^T, computed in the accumulate
+// dtype with m = S / n rounded to acc_t, in the operand type op_t (rounded once, after the
+// centring), in this thread's scratch. Centring while a feature block's columns are in cache
+// costs n d; correcting Q or the apply by S afterwards would cost d^2 each.
+template <typename acc_t, typename op_t = acc_t>
 struct Panel {
-  const acc_t* P = nullptr;
+  const op_t* P = nullptr;
+  const acc_t* centred = nullptr;  // the same values in acc_t, before the rounding to op_t (or P itself)
   int64_t ld = 0;         // P[r * ld + j] ("rows") or P[j * ld + r] ("bdl")
   std::vector<acc_t> K;   // the shift
   std::vector<double> S;  // column sums of X - 1 K^T
-  std::vector<double> sq; // dual: column sums of squares of P (the diagonal of M2)
+  std::vector<double> sq; // dual: column sums of squares of the centred values (the diagonal of M2)
 };
 
-template <typename scalar_t>
-Panel<at::opmath_type<scalar_t>> gather_panel(const scalar_t* x, const Shape& sh, bool squares) {
+template <typename scalar_t, typename op_t = at::opmath_type<scalar_t>>
+Panel<at::opmath_type<scalar_t>, op_t> gather_panel(const scalar_t* x, const Shape& sh, bool squares) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t d = sh.d, n = sh.n;
-  Panel<acc_t> p;
+  Panel<acc_t, op_t> p;
   p.K = shift_of<scalar_t, acc_t>(x, sh);
   p.S.assign(d, 0.0);
   if (squares) p.sq.assign(d, 0.0);
   p.ld = sh.rows() ? d : n;
   acc_t* P = scratch<acc_t>(Scratch::kGramPanel, n * d);
+  op_t* out = nullptr;
+  if constexpr (std::is_same_v<op_t, acc_t>) {
+    out = P;
+  } else {
+    out = scratch<op_t>(Scratch::kOperandPanel, n * d);
+  }
   std::vector<acc_t> m(d);
   // Feature blocks: each feature's sums come from one task, whatever the thread count.
   parallel_tasks(ceil_div(d, kGatherFeatures), [&](int64_t f) {
@@ -602,8 +693,10 @@ Panel<at::opmath_type<scalar_t>> gather_panel(const scalar_t* x, const Shape& sh
     } else {
       centre_columns<false>(sh, P, p.ld, j0, j1, m.data(), nullptr);
     }
+    if constexpr (!std::is_same_v<op_t, acc_t>) round_columns(sh, P, p.ld, j0, j1, out);
   });
-  p.P = P;
+  p.P = out;
+  p.centred = P;
   return p;
 }
 
@@ -619,9 +712,9 @@ std::vector<int64_t> block_edges(int64_t dim, int64_t nb) {
 }
 
 // One Gram product of gram_upper: Z stored as P, its upper triangle into out.
-template <typename acc_t>
+template <typename acc_t, typename op_t = acc_t>
 struct GramOperand {
-  const acc_t* P;
+  const op_t* P;
   acc_t* out;
 };
 
@@ -629,14 +722,14 @@ struct GramOperand {
 // stored as P: k x dim (leading dimension ld) or, with dim_major, its transpose dim x k; for each
 // of nops operands of one shape. Row block I (columns from its own first on) is one product over
 // all k; blocks I and nb-1-I of one operand make one parallel task, of equal work.
-template <typename acc_t>
-void gram_upper(const GramOperand<acc_t>* ops, int64_t nops, int64_t ld, bool dim_major, int64_t dim, int64_t k,
+template <typename acc_t, typename op_t>
+void gram_upper(const GramOperand<acc_t, op_t>* ops, int64_t nops, int64_t ld, bool dim_major, int64_t dim, int64_t k,
                 int64_t ldo) {
   const int64_t nb0 = std::max(kMinBlocks, ceil_div(dim, kBlock));
   const std::vector<int64_t> edges = block_edges(dim, nb0 + nb0 % 2);
   const int64_t nb = static_cast<int64_t>(edges.size()) - 1, per_op = ceil_div(nb, 2);
   parallel_tasks(nops * per_op, [&](int64_t q) {
-    const acc_t* P = ops[q / per_op].P;
+    const op_t* P = ops[q / per_op].P;
     acc_t* out = ops[q / per_op].out;
     const int64_t t = q % per_op, pair[2] = {t, nb - 1 - t};
     for (int u = 0; u < (pair[0] == pair[1] ? 1 : 2); ++u) {  // an odd count's middle block alone
@@ -709,8 +802,8 @@ TilePlan plan_tiles(GramKind kind, int64_t n, int64_t d, int64_t elem_bytes) {
 // (acc[I, J] = ... for the first product of a group: no accumulator needs zeroing beforehand).
 // P holds samples as rows ("rows": k x d) or as columns ("bdl": d x k), with leading dimension ld.
 // The product lands in prod (wi x wj, acc_t), then goes into acc (d x d, float64).
-template <typename acc_t>
-void gram_tile(bool rows, const acc_t* P, int64_t ld, int64_t k0, int64_t k, int64_t i0, int64_t wi, int64_t j0,
+template <typename acc_t, typename op_t>
+void gram_tile(bool rows, const op_t* P, int64_t ld, int64_t k0, int64_t k, int64_t i0, int64_t wi, int64_t j0,
                int64_t wj, int64_t d, acc_t* prod, double* acc, bool first) {
   if (rows) {
     gemm(true, P + k0 * ld + i0, ld, false, P + k0 * ld + j0, ld, prod, wj, wi, wj, k);
@@ -776,31 +869,33 @@ void write_mirrored(const T* buf, int64_t i0, int64_t i1, int64_t j0, int64_t j1
 
 // The Gram pass's result: M2_ij for i <= j is Q_ij (kCentred: Q formed from the centred panel) or
 // Q_ij - S_i S_j / n; Q (upper triangle valid, leading dimension d) in acc_t or float64.
-template <typename acc_t>
+template <typename acc_t, typename op_t = acc_t>
 struct Moments {
   std::vector<acc_t> K;        // the shift
   std::vector<double> S;       // column sums of X - 1 K^T
   const acc_t* Qa = nullptr;   // panel (centred)
   const double* Qd = nullptr;  // grouped, streamed
-  Panel<acc_t> panel;          // panel: its operand, which the apply reuses
+  Panel<acc_t, op_t> panel;    // panel: its operand, which the apply reuses
 };
 
-// (K, S, Q) of x3 (contiguous); Q and the panel live in this thread's scratch until its next call,
-// except that the panel plan writes Q into q_out where one is given (the caller's d x d output).
-template <typename scalar_t>
-Moments<at::opmath_type<scalar_t>> gram_moments(const at::Tensor& x3, at::opmath_type<scalar_t>* q_out = nullptr) {
+// (K, S, Q) of x3 (contiguous), Q from products of op_t operands; Q and the panel live in this
+// thread's scratch until its next call, except that the panel plan writes Q into q_out where one
+// is given (the caller's d x d output).
+template <typename scalar_t, typename op_t>
+Moments<at::opmath_type<scalar_t>, op_t> gram_moments(const at::Tensor& x3,
+                                                      at::opmath_type<scalar_t>* q_out = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
   const Shape sh = shape_of(x3);
   const int64_t d = sh.d, n = sh.n;
   const scalar_t* x = x3.const_data_ptr<scalar_t>();
-  Moments<acc_t> m;
+  Moments<acc_t, op_t> m;
   const GramKind kind = gram_kind(n, d, sizeof(acc_t));
   if (kind == GramKind::kPanel) {
-    m.panel = gather_panel(x, sh, /*squares=*/false);
+    m.panel = gather_panel<scalar_t, op_t>(x, sh, /*squares=*/false);
     m.K = m.panel.K;
     m.S = m.panel.S;
     acc_t* Q = q_out != nullptr ? q_out : scratch<acc_t>(Scratch::kGramAcc, d * d);
-    const GramOperand<acc_t> op{m.panel.P, Q};
+    const GramOperand<acc_t, op_t> op{m.panel.P, Q};
     gram_upper(&op, 1, m.panel.ld, /*dim_major=*/!sh.rows(), d, n, d);
     m.Qa = Q;
     return m;
@@ -822,10 +917,10 @@ Moments<at::opmath_type<scalar_t>> gram_moments(const at::Tensor& x3, at::opmath
   std::vector<double> part_sums(nchunks_max * d, 0.0);
 
   if (kind == GramKind::kGrouped) {
-    acc_t* panel_all = scratch<acc_t>(Scratch::kGramPanel, nthreads * plan.panel * d);
+    op_t* panel_all = scratch<op_t>(Scratch::kGramPanel, nthreads * plan.panel * d);
     parallel_tasks(groups, [&](int64_t g) {
       const int64_t tid = at::get_thread_num();
-      acc_t* P = panel_all + tid * plan.panel * d;
+      op_t* P = panel_all + tid * plan.panel * d;
       acc_t* prod = prod_all + tid * w2;
       const int64_t begin = g * n / groups, end = (g + 1) * n / groups;
       for (int64_t s0 = begin; s0 < end; s0 += plan.panel) {
@@ -842,7 +937,7 @@ Moments<at::opmath_type<scalar_t>> gram_moments(const at::Tensor& x3, at::opmath
       for (int64_t j = 0; j < d; ++j) m.S[j] += part_sums[g * d + j];
     }
   } else {
-    acc_t* P = scratch<acc_t>(Scratch::kGramPanel, plan.panel * d);
+    op_t* P = scratch<op_t>(Scratch::kGramPanel, plan.panel * d);
     for (int64_t s0 = 0; s0 < n; s0 += plan.panel) {
       const int64_t len = std::min(plan.panel, n - s0), ld = sh.rows() ? d : len;
       const int64_t nchunks = ceil_div(len, kGatherChunk), chunk = ceil_div(len, nchunks);
@@ -1011,12 +1106,12 @@ void add_grad(const acc_t* T, int64_t ldt, const acc_t* c, const acc_t* P, int64
   });
 }
 
-// grad_x3 = gy3 + (X - 1 K^T) G - 1 c^T, samples gathered panel by panel. G: (d x d) contiguous,
-// K, c: (d) in the accumulate dtype; out: contiguous like x3, in grad_t.
-template <typename scalar_t, typename grad_t>
-void apply_gathered(const Shape& sh, const scalar_t* x, const at::opmath_type<scalar_t>* G,
-                    const at::opmath_type<scalar_t>* K, const at::opmath_type<scalar_t>* c, const grad_t* gy,
-                    grad_t* o) {
+// grad_x3 = gy3 + (X - 1 K^T) G - 1 c^T, samples gathered panel by panel into the operand type op_t.
+// G: (d x d) contiguous, in op_t; K, c: (d) in the accumulate dtype; out: contiguous like x3, in
+// grad_t.
+template <typename scalar_t, typename grad_t, typename op_t>
+void apply_gathered(const Shape& sh, const scalar_t* x, const op_t* G, const at::opmath_type<scalar_t>* K,
+                    const at::opmath_type<scalar_t>* c, const grad_t* gy, grad_t* o) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t d = sh.d, n = sh.n;
   // Panels of about kApplyPanelBytes, at least kApplyPanelSamples long (each product packs G again:
@@ -1035,11 +1130,15 @@ void apply_gathered(const Shape& sh, const scalar_t* x, const at::opmath_type<sc
   }
   const int64_t R = ceil_div(n, panels);
   panels = ceil_div(n, R);
-  acc_t* buf_all = scratch<acc_t>(Scratch::kApply, at::get_num_threads() * 2 * R * d);
+  // Per thread: the gathered panel P (op_t), then the product T (acc_t), 64-byte aligned.
+  const int64_t p_bytes = ceil_div(R * d * static_cast<int64_t>(sizeof(op_t)), 64) * 64;
+  const int64_t task_bytes = p_bytes + ceil_div(R * d * static_cast<int64_t>(sizeof(acc_t)), 64) * 64;
+  char* buf_all = static_cast<char*>(scratch_bytes(Scratch::kApply, at::get_num_threads() * task_bytes));
 
   parallel_tasks(panels, [&](int64_t p) {
-    acc_t* P = buf_all + at::get_thread_num() * 2 * R * d;
-    acc_t* T = P + R * d;
+    char* buf = buf_all + at::get_thread_num() * task_bytes;
+    op_t* P = reinterpret_cast<op_t*>(buf);
+    acc_t* T = reinterpret_cast<acc_t*>(buf + p_bytes);
     const int64_t s0 = p * R, cnt = std::min(R, n - s0);
     const int64_t ld = sh.rows() ? d : cnt;
     gather_shifted<false>(x, sh, s0, cnt, 0, d, K, P, ld, nullptr);
@@ -1073,12 +1172,13 @@ ApplyGrid apply_grid(int64_t n, int64_t d, int64_t elem_bytes, bool rows) {
   return g;
 }
 
-// grad_x3 = gy3 + P G (panel plan: P centred) or gy3 + P A + P diag(h) (dual plan: A is n x n).
-template <bool kDual, typename acc_t, typename grad_t>
-void apply_panel(const Shape& sh, const Panel<acc_t>& panel, const acc_t* M, const acc_t* c, const grad_t* gy,
+// grad_x3 = gy3 + P G (panel plan: P centred; G in the panel's operand type) or gy3 + P A + P diag(h)
+// (dual plan: A is n x n; operands in the accumulate dtype).
+template <bool kDual, typename acc_t, typename op_t, typename grad_t>
+void apply_panel(const Shape& sh, const Panel<acc_t, op_t>& panel, const op_t* M, const acc_t* c, const grad_t* gy,
                  grad_t* o) {
   const int64_t d = sh.d, n = sh.n, ldp = panel.ld;
-  const acc_t* P = panel.P;
+  const op_t* P = panel.P;
   const ApplyGrid g = apply_grid(n, d, sizeof(acc_t), sh.rows());
   acc_t* buf_all = scratch<acc_t>(Scratch::kApply, at::get_num_threads() * g.ls * g.wf);
   parallel_tasks(g.nf * g.ns, [&](int64_t q) {
@@ -1101,7 +1201,7 @@ void apply_panel(const Shape& sh, const Panel<acc_t>& panel, const acc_t* M, con
           gemm(true, M + j0, d, false, P + s0, ldp, T, ldt, w, cnt, d);  // (G^T)[f, :] (P^T)[:, s]
         }
       }
-      add_grad<kDual>(T, ldt, c, P, ldp, gy, o, sh, s0, cnt, j0, j1);
+      add_grad<kDual>(T, ldt, c, kDual ? panel.centred : nullptr, ldp, gy, o, sh, s0, cnt, j0, j1);
     }
   });
 }
@@ -1219,15 +1319,18 @@ std::tuple<at::Tensor, at::Tensor> vcreg_stats_cpu(const at::Tensor& x3) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x3.scalar_type(), "vcreg_stats_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     acc_t* M2 = m2_t.mutable_data_ptr<acc_t>();
-    // The panel plan's Q is M2 itself (centred panel): computed in place, mirrored below.
-    const Moments<acc_t> m = gram_moments<scalar_t>(x3, M2);
-    double* mu = mu_t.mutable_data_ptr<double>();
-    for (int64_t j = 0; j < d; ++j) mu[j] = static_cast<double>(m.K[j]) + m.S[j] / static_cast<double>(n);
-    if (m.Qa != nullptr) {
-      centred_gram<true>(m.Qa, m.S.data(), d, n, M2);
-    } else {
-      centred_gram<false>(m.Qd, m.S.data(), d, n, M2);
-    }
+    with_operand_type<scalar_t>(n, d, [&](auto* tag) {
+      using op_t = std::remove_pointer_t<decltype(tag)>;
+      // The panel plan's Q is M2 itself (centred panel): computed in place, mirrored below.
+      const Moments<acc_t, op_t> m = gram_moments<scalar_t, op_t>(x3, M2);
+      double* mu = mu_t.mutable_data_ptr<double>();
+      for (int64_t j = 0; j < d; ++j) mu[j] = static_cast<double>(m.K[j]) + m.S[j] / static_cast<double>(n);
+      if (m.Qa != nullptr) {
+        centred_gram<true>(m.Qa, m.S.data(), d, n, M2);
+      } else {
+        centred_gram<false>(m.Qd, m.S.data(), d, n, M2);
+      }
+    });
   });
   return {mu_t.to(acc), m2_t};
 }
@@ -1252,8 +1355,12 @@ at::Tensor vcreg_apply_cpu(const at::Tensor& gy3, const at::Tensor& x3, const at
     }
     const acc_t* g = G.const_data_ptr<acc_t>();
     const std::vector<acc_t> c = shift_correction(e.data(), g, d);
-    with_grad_pointers<scalar_t>(io, [&](auto* gy, auto* o) {
-      apply_gathered(shape_of(io.x3), io.x3.const_data_ptr<scalar_t>(), g, K.data(), c.data(), gy, o);
+    with_operand_type<scalar_t>(num_samples(io.x3), d, [&](auto* tag) {
+      using op_t = std::remove_pointer_t<decltype(tag)>;
+      const op_t* g_op = as_operand<op_t>(g, d * d);
+      with_grad_pointers<scalar_t>(io, [&](auto* gy, auto* o) {
+        apply_gathered(shape_of(io.x3), io.x3.const_data_ptr<scalar_t>(), g_op, K.data(), c.data(), gy, o);
+      });
     });
   });
   return io.out.to(gy3.scalar_type());
@@ -1270,20 +1377,32 @@ std::tuple<at::Tensor, at::Tensor> vcreg_backward_cpu(const at::Tensor& gy3, con
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, io.x3.scalar_type(), "vcreg_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     std::pair<double, double> terms;
-    if (use_dual(n, d, sizeof(acc_t), delta)) {
-      terms = backward_dual<scalar_t>(io, alpha, beta, eps, gamma);
-    } else {
-      const Moments<acc_t> m = gram_moments<scalar_t>(io.x3);
+    with_operand_type<scalar_t>(n, d, [&](auto* tag) {
+      using op_t = std::remove_pointer_t<decltype(tag)>;
+      // The dual plan multiplies in the accumulate dtype only: its X_c G is kappa A X_c + X_c diag(h),
+      // two terms that cancel where kappa M2's diagonal outweighs G's, so that A's error relative to
+      // its own size, 2^-9 from bfloat16 operands, would be that many times larger in the gradient
+      // (4e-2 at n = 2, d = 4 with the features' mean 100x their spread). Against bfloat16 operands
+      // in the panel plan it pays where n <= d / 2 (SPEC section 7's shapes at batch 4 in bfloat16,
+      // 2-core Xeon with AMX: at n / d = 0.26 it took 0.6x the panel's time, at n / d = 0.77 1.9x).
+      if (use_dual(n, d, sizeof(acc_t), delta) && (std::is_same_v<op_t, acc_t> || 2 * n <= d)) {
+        terms = backward_dual<scalar_t>(io, alpha, beta, eps, gamma);
+        return;
+      }
+      const Moments<acc_t, op_t> m = gram_moments<scalar_t, op_t>(io.x3);
       acc_t* G = scratch<acc_t>(Scratch::kG, d * d);
       terms = m.Qa != nullptr
                   ? fill_gradient_matrix<true>(m.Qa, m.S.data(), d, n, alpha, beta, eps, gamma, delta, G)
                   : fill_gradient_matrix<false>(m.Qd, m.S.data(), d, n, alpha, beta, eps, gamma, delta, G);
+      const op_t* G_op = as_operand<op_t>(G, d * d);
       // The panel holds X - 1 (K + m)^T already: mu differs from K + m by the rounding of m, whose
       // image in the gradient is below float32's own rounding of it. Otherwise a fresh gather
       // shifts by K' = mu rounded to acc_t and subtracts the image c = (mu - K')^T G of that rounding.
       std::vector<acc_t> c(d, acc_t(0));
       if (m.Qa != nullptr) {
-        with_grad_pointers<scalar_t>(io, [&](auto* gy, auto* o) { apply_panel<false>(shape_of(io.x3), m.panel, G, c.data(), gy, o); });
+        with_grad_pointers<scalar_t>(io, [&](auto* gy, auto* o) {
+          apply_panel<false>(shape_of(io.x3), m.panel, G_op, c.data(), gy, o);
+        });
       } else {
         const double nd = static_cast<double>(n);
         std::vector<acc_t> K(d);
@@ -1295,10 +1414,10 @@ std::tuple<at::Tensor, at::Tensor> vcreg_backward_cpu(const at::Tensor& gy3, con
         }
         c = shift_correction(e.data(), G, d);
         with_grad_pointers<scalar_t>(io, [&](auto* gy, auto* o) {
-          apply_gathered(shape_of(io.x3), io.x3.const_data_ptr<scalar_t>(), G, K.data(), c.data(), gy, o);
+          apply_gathered(shape_of(io.x3), io.x3.const_data_ptr<scalar_t>(), G_op, K.data(), c.data(), gy, o);
         });
       }
-    }
+    });
     acc_t* t = terms_t.mutable_data_ptr<acc_t>();
     t[0] = static_cast<acc_t>(terms.first);
     t[1] = static_cast<acc_t>(terms.second);
@@ -1430,45 +1549,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vicreg_pa
     std::vector<acc_t> K[2];
     std::vector<double> S[2];
     double inv = 0.0;
-    if (use_pair_panel(n, d, sizeof(acc_t))) {
-      // Both branches' centred panels from one read of each, the invariance sum from the same
-      // reads; each Q is M2 itself, computed in place in the returned tensor and mirrored below.
-      for (int br = 0; br < 2; ++br) {
-        K[br] = shift_of<scalar_t, acc_t>(z[br], sh);
-        S[br].assign(d, 0.0);
-      }
-      std::vector<double> inv_j(d, 0.0);
-      const int64_t ld = sh.rows() ? d : n;
-      acc_t* Pa = scratch<acc_t>(Scratch::kGramPanel, 2 * n * d);
-      acc_t* Pb = Pa + n * d;
-      std::vector<acc_t> m[2] = {std::vector<acc_t>(d), std::vector<acc_t>(d)};
-      parallel_tasks(ceil_div(d, kGatherFeatures), [&](int64_t f) {
-        const int64_t j0 = f * kGatherFeatures, j1 = std::min(d, j0 + kGatherFeatures);
-        gather_pair(z[0], z[1], sh, j0, j1, K[0].data(), K[1].data(), Pa, Pb, ld, S[0].data(), S[1].data(),
-                    inv_j.data());
-        acc_t* P[2] = {Pa, Pb};
+    with_operand_type<scalar_t>(n, d, [&](auto* tag) {
+      using op_t = std::remove_pointer_t<decltype(tag)>;
+      if (use_pair_panel(n, d, sizeof(acc_t))) {
+        // Both branches' centred panels from one read of each, the invariance sum from the same
+        // reads; each Q is M2 itself, computed in place in the returned tensor and mirrored below.
         for (int br = 0; br < 2; ++br) {
-          for (int64_t j = j0; j < j1; ++j) m[br][j] = static_cast<acc_t>(S[br][j] / static_cast<double>(n));
-          centre_columns<false>(sh, P[br], ld, j0, j1, m[br].data(), nullptr);
+          K[br] = shift_of<scalar_t, acc_t>(z[br], sh);
+          S[br].assign(d, 0.0);
         }
-      });
-      const GramOperand<acc_t> ops[2] = {{Pa, M2[0]}, {Pb, M2[1]}};
-      gram_upper(ops, 2, ld, /*dim_major=*/!sh.rows(), d, n, d);
-      for (int br = 0; br < 2; ++br) centred_gram<true>(M2[br], S[br].data(), d, n, M2[br]);
-      for (const double v : inv_j) inv += v;
-    } else {
-      for (int br = 0; br < 2; ++br) {
-        const Moments<acc_t> mo = gram_moments<scalar_t>(br == 0 ? za3 : zb3, M2[br]);
-        K[br] = mo.K;
-        S[br] = mo.S;
-        if (mo.Qa != nullptr) {
-          centred_gram<true>(mo.Qa, S[br].data(), d, n, M2[br]);
+        std::vector<double> inv_j(d, 0.0);
+        const int64_t ld = sh.rows() ? d : n;
+        acc_t* Pa = scratch<acc_t>(Scratch::kGramPanel, 2 * n * d);
+        acc_t* Pb = Pa + n * d;
+        // The products' operands: the centred panels themselves, or rounded to op_t (gather_panel's).
+        op_t* Oa = nullptr;
+        if constexpr (std::is_same_v<op_t, acc_t>) {
+          Oa = Pa;
         } else {
-          centred_gram<false>(mo.Qd, S[br].data(), d, n, M2[br]);
+          Oa = scratch<op_t>(Scratch::kOperandPanel, 2 * n * d);
         }
+        op_t* Ob = Oa + n * d;
+        std::vector<acc_t> m[2] = {std::vector<acc_t>(d), std::vector<acc_t>(d)};
+        parallel_tasks(ceil_div(d, kGatherFeatures), [&](int64_t f) {
+          const int64_t j0 = f * kGatherFeatures, j1 = std::min(d, j0 + kGatherFeatures);
+          gather_pair(z[0], z[1], sh, j0, j1, K[0].data(), K[1].data(), Pa, Pb, ld, S[0].data(), S[1].data(),
+                      inv_j.data());
+          acc_t* P[2] = {Pa, Pb};
+          op_t* O[2] = {Oa, Ob};
+          for (int br = 0; br < 2; ++br) {
+            for (int64_t j = j0; j < j1; ++j) m[br][j] = static_cast<acc_t>(S[br][j] / static_cast<double>(n));
+            centre_columns<false>(sh, P[br], ld, j0, j1, m[br].data(), nullptr);
+            if constexpr (!std::is_same_v<op_t, acc_t>) round_columns(sh, P[br], ld, j0, j1, O[br]);
+          }
+        });
+        const GramOperand<acc_t, op_t> ops[2] = {{Oa, M2[0]}, {Ob, M2[1]}};
+        gram_upper(ops, 2, ld, /*dim_major=*/!sh.rows(), d, n, d);
+        for (int br = 0; br < 2; ++br) centred_gram<true>(M2[br], S[br].data(), d, n, M2[br]);
+        for (const double v : inv_j) inv += v;
+      } else {
+        for (int br = 0; br < 2; ++br) {
+          const Moments<acc_t, op_t> mo = gram_moments<scalar_t, op_t>(br == 0 ? za3 : zb3, M2[br]);
+          K[br] = mo.K;
+          S[br] = mo.S;
+          if (mo.Qa != nullptr) {
+            centred_gram<true>(mo.Qa, S[br].data(), d, n, M2[br]);
+          } else {
+            centred_gram<false>(mo.Qd, S[br].data(), d, n, M2[br]);
+          }
+        }
+        inv = invariance_sum(z[0], z[1], n * d);
       }
-      inv = invariance_sum(z[0], z[1], n * d);
-    }
+    });
     for (int br = 0; br < 2; ++br) {
       double* mu = mu_t[br].mutable_data_ptr<double>();
       for (int64_t j = 0; j < d; ++j) mu[j] = static_cast<double>(K[br][j]) + S[br][j] / static_cast<double>(n);
@@ -1524,18 +1656,21 @@ void pair_grads(const acc_t* Ta, const acc_t* Tb, int64_t ldt, const acc_t* ca, 
   });
 }
 
-// The pair apply's operands for one branch: G in acc_t, the shift K' = mu rounded to acc_t, and
-// the image c = (mu - K')^T G of that rounding (zero, and not computed, where mu is in acc_t already).
-template <typename acc_t>
+// The pair apply's operands for one branch: G in acc_t, G_op: G in the operand type op_t (G itself,
+// or rounded to bfloat16 into buf, d x d), the shift K' = mu rounded to acc_t, and the image
+// c = (mu - K')^T G of that rounding (zero, and not computed, where mu is in acc_t already).
+template <typename acc_t, typename op_t>
 struct PairBranch {
   at::Tensor G;
+  const op_t* G_op = nullptr;
   std::vector<acc_t> K, c;
 };
 
-template <typename acc_t>
-PairBranch<acc_t> pair_branch(const at::Tensor& G_in, const at::Tensor& mu_in) {
-  PairBranch<acc_t> p;
+template <typename acc_t, typename op_t>
+PairBranch<acc_t, op_t> pair_branch(const at::Tensor& G_in, const at::Tensor& mu_in, op_t* buf) {
+  PairBranch<acc_t, op_t> p;
   p.G = G_in.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+  p.G_op = as_operand<op_t>(p.G.template const_data_ptr<acc_t>(), p.G.numel(), buf);
   const at::Tensor mu = mu_in.to(at::kDouble).contiguous();
   const double* mu64 = mu.const_data_ptr<double>();
   const int64_t d = mu.numel();
@@ -1554,9 +1689,10 @@ PairBranch<acc_t> pair_branch(const at::Tensor& G_in, const at::Tensor& mu_in) {
 // grad_a, grad_b (contiguous like za3) of the pair apply. Both branches' samples are gathered
 // shifted, panel by panel (one panel each where both fit in kPanelMaxBytes together); each panel's
 // tasks are (feature block x sample block) products of both branches, each writing both gradients.
-template <typename scalar_t>
-void apply_pair(const Shape& sh, const scalar_t* za, const scalar_t* zb, const PairBranch<at::opmath_type<scalar_t>>& A,
-                const PairBranch<at::opmath_type<scalar_t>>& B, at::opmath_type<scalar_t> g,
+template <typename scalar_t, typename op_t>
+void apply_pair(const Shape& sh, const scalar_t* za, const scalar_t* zb,
+                const PairBranch<at::opmath_type<scalar_t>, op_t>& A,
+                const PairBranch<at::opmath_type<scalar_t>, op_t>& B, at::opmath_type<scalar_t> g,
                 at::opmath_type<scalar_t> c, scalar_t* oa, scalar_t* ob) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t d = sh.d, n = sh.n, elem = sizeof(acc_t);
@@ -1575,10 +1711,10 @@ void apply_pair(const Shape& sh, const scalar_t* za, const scalar_t* zb, const P
   int64_t wf = 0;
   for (int64_t f = 0; f < nf; ++f) wf = std::max(wf, fe[f + 1] - fe[f]);
   const int64_t ls = ceil_div(len, ns);
-  acc_t* Pa = scratch<acc_t>(Scratch::kGramPanel, 2 * len * d);
-  acc_t* Pb = Pa + len * d;
+  op_t* Pa = scratch<op_t>(Scratch::kGramPanel, 2 * len * d);
+  op_t* Pb = Pa + len * d;
   acc_t* T_all = scratch<acc_t>(Scratch::kApply, at::get_num_threads() * 2 * ls * wf);
-  const acc_t *Ga = A.G.template const_data_ptr<acc_t>(), *Gb = B.G.template const_data_ptr<acc_t>();
+  const op_t *Ga = A.G_op, *Gb = B.G_op;
   for (int64_t s0 = 0; s0 < n; s0 += len) {
     const int64_t cnt = std::min(len, n - s0), ld = sh.rows() ? d : cnt;
     // The gather is elementwise: its split changes no result. Whole rows in "rows" (contiguous
@@ -1604,8 +1740,8 @@ void apply_pair(const Shape& sh, const scalar_t* za, const scalar_t* zb, const P
       const int64_t r0 = (q % nsp) * ls, k = std::min(ls, cnt - r0);
       const int64_t ldt = sh.rows() ? w : k;
       for (int br = 0; br < 2; ++br) {
-        const acc_t* P = br == 0 ? Pa : Pb;
-        const acc_t* G = br == 0 ? Ga : Gb;
+        const op_t* P = br == 0 ? Pa : Pb;
+        const op_t* G = br == 0 ? Ga : Gb;
         acc_t* T = br == 0 ? Ta : Tb;
         if (sh.rows()) {
           gemm(false, P + r0 * ld, ld, false, G + j0, d, T, ldt, k, w, d);  // P[s, :] G[:, f]
@@ -1628,10 +1764,17 @@ std::tuple<at::Tensor, at::Tensor> vicreg_pair_apply_cpu(const at::Tensor& g_t, 
   if (num_samples(za3) == 0) return {out_a, out_b};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, za3.scalar_type(), "vicreg_pair_apply_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const PairBranch<acc_t> A = pair_branch<acc_t>(G_a, mu_a), B = pair_branch<acc_t>(G_b, mu_b);
-    apply_pair<scalar_t>(shape_of(za3), za3.const_data_ptr<scalar_t>(), zb3.const_data_ptr<scalar_t>(), A, B,
-                         static_cast<acc_t>(g_t.item<double>()), static_cast<acc_t>(c_t.item<double>()),
-                         out_a.mutable_data_ptr<scalar_t>(), out_b.mutable_data_ptr<scalar_t>());
+    with_operand_type<scalar_t>(num_samples(za3), za3.size(1), [&](auto* tag) {
+      using op_t = std::remove_pointer_t<decltype(tag)>;
+      // Both branches' G in op_t: this thread's scratch (a d x d operand each), where op_t is not acc_t.
+      const int64_t dd = za3.size(1) * za3.size(1);
+      op_t* buf = std::is_same_v<op_t, acc_t> ? nullptr : scratch<op_t>(Scratch::kOperandG, 2 * dd);
+      const PairBranch<acc_t, op_t> A = pair_branch<acc_t, op_t>(G_a, mu_a, buf),
+                                    B = pair_branch<acc_t, op_t>(G_b, mu_b, buf == nullptr ? nullptr : buf + dd);
+      apply_pair<scalar_t, op_t>(shape_of(za3), za3.const_data_ptr<scalar_t>(), zb3.const_data_ptr<scalar_t>(), A, B,
+                                 static_cast<acc_t>(g_t.item<double>()), static_cast<acc_t>(c_t.item<double>()),
+                                 out_a.mutable_data_ptr<scalar_t>(), out_b.mutable_data_ptr<scalar_t>());
+    });
   });
   return {out_a, out_b};
 }
