@@ -167,7 +167,7 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Scratch memory kept per calling thread and reused by later calls. The temporaries are a few MiB;
 // allocated afresh on each call they fragment the heap so that grad_x often lands on fresh pages,
 // which the kernel then faults in and zeroes (~1 ms for a 10 MB gradient, as much as a product).
-enum class Scratch { kGramAcc, kGramPanel, kGramProd, kG, kApply, kOperandPanel, kOperandG, kCount };
+enum class Scratch { kGramAcc, kGramPanel, kGramProd, kG, kApply, kOperandG, kCount };
 
 void* scratch_bytes(Scratch slot, int64_t bytes) {
   thread_local at::Tensor buffers[static_cast<int>(Scratch::kCount)];
@@ -494,33 +494,34 @@ acc_t sum_lanes(const acc_t* lane) {
   return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
 }
 
-// dst = src - k over len values, rounded to the operand type op_t; kSums adds them (unrounded)
-// to lane.
-template <bool kSums, typename scalar_t, typename acc_t, typename op_t>
+// dst = src - k over len values, rounded to the operand type op_t (not stored without kStore);
+// kSums adds them (unrounded) to lane.
+template <bool kSums, bool kStore, typename scalar_t, typename acc_t, typename op_t>
 inline void shift_run(const scalar_t* __restrict src, acc_t k, op_t* __restrict dst, int64_t len,
                       acc_t* __restrict lane) {
   int64_t i = 0;
   for (; i + kLanes <= len; i += kLanes) {
     for (int u = 0; u < kLanes; ++u) {
       const acc_t v = static_cast<acc_t>(src[i + u]) - k;
-      dst[i + u] = static_cast<op_t>(v);
+      if constexpr (kStore) dst[i + u] = static_cast<op_t>(v);
       if constexpr (kSums) lane[u] += v;
     }
   }
   for (int u = 0; i < len; ++i, ++u) {
     const acc_t v = static_cast<acc_t>(src[i]) - k;
-    dst[i] = static_cast<op_t>(v);
+    if constexpr (kStore) dst[i] = static_cast<op_t>(v);
     if constexpr (kSums) lane[u] += v;
   }
 }
 
-// dst = src - K over a row of w features, rounded to op_t; kSums adds them to part (w).
-template <bool kSums, typename scalar_t, typename acc_t, typename op_t>
+// dst = src - K over a row of w features, rounded to op_t (not stored without kStore); kSums adds
+// them to part (w).
+template <bool kSums, bool kStore, typename scalar_t, typename acc_t, typename op_t>
 inline void shift_row(const scalar_t* __restrict src, const acc_t* __restrict K, op_t* __restrict dst, int64_t w,
                       acc_t* __restrict part) {
   for (int64_t j = 0; j < w; ++j) {
     const acc_t v = static_cast<acc_t>(src[j]) - K[j];
-    dst[j] = static_cast<op_t>(v);
+    if constexpr (kStore) dst[j] = static_cast<op_t>(v);
     if constexpr (kSums) part[j] += v;
   }
 }
@@ -550,15 +551,16 @@ inline void add_row(const grad_t* __restrict gy, const acc_t* __restrict t, cons
 // (sample r, feature j) at P[r * ldp + j] ("rows") or P[j * ldp + r] ("bdl": samples along a
 // feature row). kSums adds the column sums of X - 1 K^T to sums[j] (float64), summing at most
 // kSumBlock values per partial sum in acc_t: cheap, and bounded error even where K is a poor
-// estimate of mu.
-template <bool kSums, typename scalar_t, typename acc_t, typename op_t>
+// estimate of mu. Without kStore only the sums are formed (P is not touched).
+template <bool kSums, bool kStore = true, typename scalar_t, typename acc_t, typename op_t>
 void gather_shifted(const scalar_t* x, const Shape& sh, int64_t s0, int64_t count, int64_t j0, int64_t j1,
                     const acc_t* K, op_t* P, int64_t ldp, double* sums) {
+  static_assert(kSums || kStore);
   const int64_t d = sh.d, w = j1 - j0;
   if (sh.rows()) {
     std::vector<acc_t> part(kSums ? w : 0, acc_t(0));
     for (int64_t r = 0; r < count; ++r) {
-      shift_row<kSums>(x + (s0 + r) * d + j0, K + j0, P + r * ldp + j0, w, part.data());
+      shift_row<kSums, kStore>(x + (s0 + r) * d + j0, K + j0, kStore ? P + r * ldp + j0 : nullptr, w, part.data());
       if constexpr (kSums) {
         if ((r + 1) % kSumBlock == 0 || r + 1 == count) {
           for (int64_t j = 0; j < w; ++j) {
@@ -577,7 +579,8 @@ void gather_shifted(const scalar_t* x, const Shape& sh, int64_t s0, int64_t coun
       prefetch(src + sh.L + 16, /*write=*/false);
       for (int64_t i0 = 0; i0 < len; i0 += kLanes * kSumBlock) {
         acc_t lane[kLanes] = {};
-        shift_run<kSums>(src + i0, K[j], P + j * ldp + r + i0, std::min(len - i0, kLanes * kSumBlock), lane);
+        shift_run<kSums, kStore>(src + i0, K[j], kStore ? P + j * ldp + r + i0 : nullptr,
+                                 std::min(len - i0, kLanes * kSumBlock), lane);
         if constexpr (kSums) sums[j] += static_cast<double>(sum_lanes(lane));
       }
     }
@@ -639,27 +642,15 @@ void centre_columns(const Shape& sh, acc_t* P, int64_t ldp, int64_t j0, int64_t 
   }
 }
 
-// Features j0 <= j < j1 of all n samples of P rounded to op_t into out (P's layout).
-template <typename acc_t, typename op_t>
-void round_columns(const Shape& sh, const acc_t* P, int64_t ldp, int64_t j0, int64_t j1, op_t* out) {
-  const auto narrow = [](const acc_t* __restrict src, op_t* __restrict dst, int64_t len) {
-    for (int64_t i = 0; i < len; ++i) dst[i] = static_cast<op_t>(src[i]);
-  };
-  if (sh.rows()) {
-    for (int64_t r = 0; r < sh.n; ++r) narrow(P + r * ldp + j0, out + r * ldp + j0, j1 - j0);
-  } else {
-    for (int64_t j = j0; j < j1; ++j) narrow(P + j * ldp, out + j * ldp, sh.n);
-  }
-}
-
 // The panel and dual plans' operand: every sample of X - 1 (K + m)^T, computed in the accumulate
-// dtype with m = S / n rounded to acc_t, in the operand type op_t (rounded once, after the
-// centring), in this thread's scratch. Centring while a feature block's columns are in cache
-// costs n d; correcting Q or the apply by S afterwards would cost d^2 each.
+// dtype with m = S / n rounded to acc_t, in the operand type op_t, in this thread's scratch.
+// Centring while a feature block's columns are in cache costs n d; correcting Q or the apply by S
+// afterwards would cost d^2 each. In acc_t each feature block is gathered shifted by K (its sums
+// give m), then centred in place; in a narrower op_t a first pass over the block forms only the
+// sums and a second gathers X - 1 (K + m)^T rounded once to op_t, so that no acc_t panel is kept.
 template <typename acc_t, typename op_t = acc_t>
 struct Panel {
   const op_t* P = nullptr;
-  const acc_t* centred = nullptr;  // the same values in acc_t, before the rounding to op_t (or P itself)
   int64_t ld = 0;         // P[r * ld + j] ("rows") or P[j * ld + r] ("bdl")
   std::vector<acc_t> K;   // the shift
   std::vector<double> S;  // column sums of X - 1 K^T
@@ -675,28 +666,29 @@ Panel<at::opmath_type<scalar_t>, op_t> gather_panel(const scalar_t* x, const Sha
   p.S.assign(d, 0.0);
   if (squares) p.sq.assign(d, 0.0);
   p.ld = sh.rows() ? d : n;
-  acc_t* P = scratch<acc_t>(Scratch::kGramPanel, n * d);
-  op_t* out = nullptr;
-  if constexpr (std::is_same_v<op_t, acc_t>) {
-    out = P;
-  } else {
-    out = scratch<op_t>(Scratch::kOperandPanel, n * d);
-  }
+  op_t* P = scratch<op_t>(Scratch::kGramPanel, n * d);
   std::vector<acc_t> m(d);
   // Feature blocks: each feature's sums come from one task, whatever the thread count.
   parallel_tasks(ceil_div(d, kGatherFeatures), [&](int64_t f) {
     const int64_t j0 = f * kGatherFeatures, j1 = std::min(d, j0 + kGatherFeatures);
-    gather_shifted<true>(x, sh, 0, n, j0, j1, p.K.data(), P, p.ld, p.S.data());
-    for (int64_t j = j0; j < j1; ++j) m[j] = static_cast<acc_t>(p.S[j] / static_cast<double>(n));
-    if (squares) {
-      centre_columns<true>(sh, P, p.ld, j0, j1, m.data(), p.sq.data());
+    if constexpr (std::is_same_v<op_t, acc_t>) {
+      gather_shifted<true>(x, sh, 0, n, j0, j1, p.K.data(), P, p.ld, p.S.data());
+      for (int64_t j = j0; j < j1; ++j) m[j] = static_cast<acc_t>(p.S[j] / static_cast<double>(n));
+      if (squares) {
+        centre_columns<true>(sh, P, p.ld, j0, j1, m.data(), p.sq.data());
+      } else {
+        centre_columns<false>(sh, P, p.ld, j0, j1, m.data(), nullptr);
+      }
     } else {
-      centre_columns<false>(sh, P, p.ld, j0, j1, m.data(), nullptr);
+      TORCH_INTERNAL_ASSERT(!squares, "vcreg: the dual plan's panel is in the accumulate dtype");
+      gather_shifted<true, false>(x, sh, 0, n, j0, j1, p.K.data(), P, p.ld, p.S.data());
+      for (int64_t j = j0; j < j1; ++j) {
+        m[j] = p.K[j] + static_cast<acc_t>(p.S[j] / static_cast<double>(n));  // K + m
+      }
+      gather_shifted<false>(x, sh, 0, n, j0, j1, m.data(), P, p.ld, nullptr);
     }
-    if constexpr (!std::is_same_v<op_t, acc_t>) round_columns(sh, P, p.ld, j0, j1, out);
   });
-  p.P = out;
-  p.centred = P;
+  p.P = P;
   return p;
 }
 
@@ -1177,6 +1169,7 @@ ApplyGrid apply_grid(int64_t n, int64_t d, int64_t elem_bytes, bool rows) {
 template <bool kDual, typename acc_t, typename op_t, typename grad_t>
 void apply_panel(const Shape& sh, const Panel<acc_t, op_t>& panel, const op_t* M, const acc_t* c, const grad_t* gy,
                  grad_t* o) {
+  static_assert(!kDual || std::is_same_v<op_t, acc_t>);
   const int64_t d = sh.d, n = sh.n, ldp = panel.ld;
   const op_t* P = panel.P;
   const ApplyGrid g = apply_grid(n, d, sizeof(acc_t), sh.rows());
@@ -1201,7 +1194,9 @@ void apply_panel(const Shape& sh, const Panel<acc_t, op_t>& panel, const op_t* M
           gemm(true, M + j0, d, false, P + s0, ldp, T, ldt, w, cnt, d);  // (G^T)[f, :] (P^T)[:, s]
         }
       }
-      add_grad<kDual>(T, ldt, c, kDual ? panel.centred : nullptr, ldp, gy, o, sh, s0, cnt, j0, j1);
+      const acc_t* diag_operand = nullptr;  // kDual: the panel, whose P diag(h) is added
+      if constexpr (kDual) diag_operand = P;
+      add_grad<kDual>(T, ldt, c, diag_operand, ldp, gy, o, sh, s0, cnt, j0, j1);
     }
   });
 }
@@ -1459,8 +1454,8 @@ inline void invariance_run(const scalar_t* __restrict a, const scalar_t* __restr
 // The pair panel's gather: features j0 <= j < j1 of every sample of both branches, Za - 1 Ka^T and
 // Zb - 1 Kb^T into Pa and Pb (laid out as gather_shifted's P), their column sums into Sa, Sb and
 // sum_s (Za - Zb)^2 into inv, per feature, in float64 from acc_t partial sums of at most kSumBlock
-// values (gather_shifted's rule).
-template <typename scalar_t, typename acc_t>
+// values (gather_shifted's rule). Without kStore only the sums (Pa, Pb are not touched).
+template <bool kStore, typename scalar_t, typename acc_t>
 void gather_pair(const scalar_t* za, const scalar_t* zb, const Shape& sh, int64_t j0, int64_t j1, const acc_t* Ka,
                  const acc_t* Kb, acc_t* Pa, acc_t* Pb, int64_t ldp, double* Sa, double* Sb, double* inv) {
   const int64_t d = sh.d, w = j1 - j0;
@@ -1470,8 +1465,8 @@ void gather_pair(const scalar_t* za, const scalar_t* zb, const Shape& sh, int64_
     std::vector<acc_t> part(w);
     for (int64_t r0 = 0; r0 < sh.n; r0 += kSumBlock) {
       const int64_t cnt = std::min(kSumBlock, sh.n - r0);
-      gather_shifted<true>(za, sh, r0, cnt, j0, j1, Ka, Pa + r0 * ldp, ldp, Sa);
-      gather_shifted<true>(zb, sh, r0, cnt, j0, j1, Kb, Pb + r0 * ldp, ldp, Sb);
+      gather_shifted<true, kStore>(za, sh, r0, cnt, j0, j1, Ka, kStore ? Pa + r0 * ldp : nullptr, ldp, Sa);
+      gather_shifted<true, kStore>(zb, sh, r0, cnt, j0, j1, Kb, kStore ? Pb + r0 * ldp : nullptr, ldp, Sb);
       std::fill(part.begin(), part.end(), acc_t(0));
       for (int64_t r = r0; r < r0 + cnt; ++r) invariance_row(za + r * d + j0, zb + r * d + j0, w, part.data());
       for (int64_t j = 0; j < w; ++j) inv[j0 + j] += part[j];
@@ -1490,8 +1485,8 @@ void gather_pair(const scalar_t* za, const scalar_t* zb, const Shape& sh, int64_
         // loop over both branches' values and both panels ran at 0.7 of this speed).
         const int64_t m = std::min(len - i0, kLanes * kSumBlock);
         acc_t la[kLanes] = {}, lb[kLanes] = {}, li[kLanes] = {};
-        shift_run<true>(za + o + i0, Ka[j], Pa + j * ldp + r + i0, m, la);
-        shift_run<true>(zb + o + i0, Kb[j], Pb + j * ldp + r + i0, m, lb);
+        shift_run<true, kStore>(za + o + i0, Ka[j], kStore ? Pa + j * ldp + r + i0 : nullptr, m, la);
+        shift_run<true, kStore>(zb + o + i0, Kb[j], kStore ? Pb + j * ldp + r + i0 : nullptr, m, lb);
         invariance_run(za + o + i0, zb + o + i0, m, li);
         Sa[j] += static_cast<double>(sum_lanes(la));
         Sb[j] += static_cast<double>(sum_lanes(lb));
@@ -1560,30 +1555,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vicreg_pa
         }
         std::vector<double> inv_j(d, 0.0);
         const int64_t ld = sh.rows() ? d : n;
-        acc_t* Pa = scratch<acc_t>(Scratch::kGramPanel, 2 * n * d);
-        acc_t* Pb = Pa + n * d;
-        // The products' operands: the centred panels themselves, or rounded to op_t (gather_panel's).
-        op_t* Oa = nullptr;
-        if constexpr (std::is_same_v<op_t, acc_t>) {
-          Oa = Pa;
-        } else {
-          Oa = scratch<op_t>(Scratch::kOperandPanel, 2 * n * d);
-        }
-        op_t* Ob = Oa + n * d;
+        op_t* P[2] = {scratch<op_t>(Scratch::kGramPanel, 2 * n * d), nullptr};
+        P[1] = P[0] + n * d;
         std::vector<acc_t> m[2] = {std::vector<acc_t>(d), std::vector<acc_t>(d)};
+        // As gather_panel: in acc_t shifted by K, then centred in place; in a narrower op_t the sums
+        // first, then X - 1 (K + m)^T rounded once to op_t.
         parallel_tasks(ceil_div(d, kGatherFeatures), [&](int64_t f) {
           const int64_t j0 = f * kGatherFeatures, j1 = std::min(d, j0 + kGatherFeatures);
-          gather_pair(z[0], z[1], sh, j0, j1, K[0].data(), K[1].data(), Pa, Pb, ld, S[0].data(), S[1].data(),
-                      inv_j.data());
-          acc_t* P[2] = {Pa, Pb};
-          op_t* O[2] = {Oa, Ob};
+          constexpr bool kInPlace = std::is_same_v<op_t, acc_t>;
+          acc_t* Pacc[2] = {nullptr, nullptr};
+          if constexpr (kInPlace) Pacc[0] = P[0], Pacc[1] = P[1];
+          gather_pair<kInPlace>(z[0], z[1], sh, j0, j1, K[0].data(), K[1].data(), Pacc[0], Pacc[1], ld,
+                                S[0].data(), S[1].data(), inv_j.data());
           for (int br = 0; br < 2; ++br) {
             for (int64_t j = j0; j < j1; ++j) m[br][j] = static_cast<acc_t>(S[br][j] / static_cast<double>(n));
-            centre_columns<false>(sh, P[br], ld, j0, j1, m[br].data(), nullptr);
-            if constexpr (!std::is_same_v<op_t, acc_t>) round_columns(sh, P[br], ld, j0, j1, O[br]);
+            if constexpr (kInPlace) {
+              centre_columns<false>(sh, Pacc[br], ld, j0, j1, m[br].data(), nullptr);
+            } else {
+              for (int64_t j = j0; j < j1; ++j) m[br][j] += K[br][j];
+              gather_shifted<false>(z[br], sh, 0, n, j0, j1, m[br].data(), P[br], ld, nullptr);
+            }
           }
         });
-        const GramOperand<acc_t, op_t> ops[2] = {{Oa, M2[0]}, {Ob, M2[1]}};
+        const GramOperand<acc_t, op_t> ops[2] = {{P[0], M2[0]}, {P[1], M2[1]}};
         gram_upper(ops, 2, ld, /*dim_major=*/!sh.rows(), d, n, d);
         for (int br = 0; br < 2; ++br) centred_gram<true>(M2[br], S[br].data(), d, n, M2[br]);
         for (const double v : inv_j) inv += v;
