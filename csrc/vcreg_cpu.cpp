@@ -125,6 +125,10 @@
 
 #include "vcreg_common.h"
 
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#include <cpuid.h>
+#endif
+
 namespace vcreg {
 namespace {
 
@@ -336,14 +340,17 @@ extern "C" void gemm_bf16bf16f32_(const char*, const char*, const int*, const in
                                   const at::BFloat16*, const int*, const at::BFloat16*, const int*, const float*,
                                   float*, const int*) __attribute__((weak));
 
-// Products of bfloat16 operands where the BLAS has them and the CPU multiplies bfloat16 natively
-// (AVX512-BF16 or AMX; MKL picks the instructions), for sizes within the BLAS's int32 arguments.
-// One thread's product ran at 2 to 5 times the rate of float32's at the shapes the plans make
-// (2-core Xeon with AMX: 280-770 against 155-170 GFLOP/s).
+// Products of bfloat16 operands where the BLAS has them and the CPU multiplies bfloat16 natively,
+// for sizes within the BLAS's int32 arguments. AVX512-BF16 (CPUID leaf 7, subleaf 1, EAX bit 5)
+// comes with every CPU that has AMX-BF16 too; MKL picks the instructions. One thread's product ran
+// at 2 to 5 times the rate of float32's at the shapes the plans make (2-core Xeon with AMX:
+// 280-770 against 155-170 GFLOP/s).
 bool bf16_products(int64_t n, int64_t d) {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-  static const bool native = gemm_bf16bf16f32_ != nullptr &&
-                             (__builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16"));
+  static const bool native = [] {
+    unsigned int a = 0, b = 0, c = 0, e = 0;
+    return gemm_bf16bf16f32_ != nullptr && __get_cpuid_count(7, 1, &a, &b, &c, &e) != 0 && (a & (1u << 5)) != 0;
+  }();
 #else
   constexpr bool native = false;
 #endif
