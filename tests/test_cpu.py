@@ -70,15 +70,17 @@ def test_work_splits(size, dtype, mean, delta, gamma):
 
 
 @pytest.mark.parametrize("size", [(30000, 300, 1), (12, 300, 2500)], ids=split_id)
-def test_stats_across_super_panels(size):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_stats_across_super_panels(size, dtype):
     # d > 256 and n * d * 4 bytes = 36 MB, past the 32 MiB panel, take the streamed plan: five
-    # 8 MiB super-panels whose float64 sums are merged.
-    x3 = make_x3(*size, torch.float32, mean=300.0)
+    # 8 MiB super-panels whose float64 sums are merged (bfloat16: the same plan, its super-panels
+    # gathered in bfloat16).
+    x3 = make_x3(*size, dtype, mean=300.0)
     mu, M2 = torch.ops.vcreg.stats_kernel(x3)
     mu_ref, M2_ref = vcreg_stats_reference(x3.double())
     mu_pt, M2_pt = vcreg_stats_reference(x3)
     assert (mu.double() - mu_ref).abs().max() <= 4 * (mu_pt.double() - mu_ref).abs().max() + 1e-6
-    assert_within(rel_err(M2, M2_ref), rel_err(M2_pt, M2_ref), "cpu", torch.float32, "cpu", "M2")
+    assert_within(rel_err(M2, M2_ref), rel_err(M2_pt, M2_ref), "cpu", dtype, "cpu", "M2")
 
 
 PLANS = {"rows-grouped": (20000, 100, 1), "bdl-grouped": (8, 96, 1300), "rows-grouped-past-panel": (70000, 130, 1),
