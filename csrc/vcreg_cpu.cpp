@@ -357,9 +357,9 @@ bool bf16_products(int64_t n, int64_t d) {
   return native && std::max(n, d) <= std::numeric_limits<int>::max();
 }
 
-// C = alpha op(A) op(B) + beta C (column-major, the BLAS's own arguments) for operands of type T
-// and C of type C_t: float, double, or bfloat16 operands into float. False where the BLAS lacks
-// the entry point or a size passes int32.
+// C = op(A) op(B) (column-major, the BLAS's own arguments) for operands of type T and C of type
+// C_t: float, double, or bfloat16 operands into float. False where the BLAS lacks the entry point
+// or a size passes int32.
 template <typename T, typename C_t>
 bool blas_gemm(char transa, char transb, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
                int64_t ldb, C_t* c, int64_t ldc) {
