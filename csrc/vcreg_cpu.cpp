@@ -40,7 +40,10 @@
 // (AVX512-BF16 or AMX, through MKL's gemm_bf16bf16f32; bf16_products): the shifted or centred
 // values and G, each formed in float32 and rounded once to bfloat16, with float32 products and
 // sums; the dual plan then runs in float32, and only where n <= d / 2 (vcreg_backward_cpu says
-// why). float16 input, and bfloat16 on other CPUs, multiply in float32.
+// why). float16 input, and bfloat16 on other CPUs, multiply in float32. On the same CPUs the
+// bfloat16 gathers and gradient writes run as AVX-512 loops (avx512_bf16_loops), bitwise equal to
+// the portable ones that ATEN_CPU_CAPABILITY=default selects (NaN payloads and float32 subnormals
+// aside).
 //
 // Plans, chosen by n, d and whether delta is set (never by the thread count):
 //   dual (backward_kernel; delta None, n <= d, X within kPanelMaxBytes). Without a clip G is M2
@@ -102,6 +105,7 @@
 #include <ATen/EmptyTensor.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
@@ -127,6 +131,13 @@
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #include <cpuid.h>
+#endif
+// The bfloat16 loops' AVX-512 forms (avx512_bf16_loops below) need a compiler that knows AVX512-BF16.
+#if defined(__x86_64__) && ((defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 10))
+#define VCREG_AVX512_BF16 1
+#include <immintrin.h>
+#else
+#define VCREG_AVX512_BF16 0
 #endif
 
 namespace vcreg {
@@ -345,15 +356,10 @@ extern "C" void gemm_bf16bf16f32_(const char*, const char*, const int*, const in
 // comes with every CPU that has AMX-BF16 too; MKL picks the instructions. One thread's product ran
 // at 2 to 5 times the rate of float32's at the shapes the plans make (2-core Xeon with AMX:
 // 280-770 against 155-170 GFLOP/s).
+bool cpu_has_avx512_bf16();
+
 bool bf16_products(int64_t n, int64_t d) {
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-  static const bool native = [] {
-    unsigned int a = 0, b = 0, c = 0, e = 0;
-    return gemm_bf16bf16f32_ != nullptr && __get_cpuid_count(7, 1, &a, &b, &c, &e) != 0 && (a & (1u << 5)) != 0;
-  }();
-#else
-  constexpr bool native = false;
-#endif
+  static const bool native = gemm_bf16bf16f32_ != nullptr && cpu_has_avx512_bf16();
   return native && std::max(n, d) <= std::numeric_limits<int>::max();
 }
 
@@ -493,7 +499,9 @@ std::vector<acc_t> shift_of(const scalar_t* x, const Shape& sh) {
 
 // The elementwise loops, on restrict pointers so that they vectorize. Sums keep kLanes
 // independent partial sums (one running sum would wait on each add's latency), lane u taking the
-// elements at u mod kLanes: the same order whatever the vector width.
+// elements at u mod kLanes: the same order whatever the vector width. shift_run's blocks of
+// 2 kLanes values keep 2 kLanes partial sums of their own (two chains per lane, for wider vectors),
+// folded into the lanes per call.
 constexpr int kLanes = 8;
 
 template <typename acc_t>
@@ -501,12 +509,145 @@ acc_t sum_lanes(const acc_t* lane) {
   return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
 }
 
+template <typename acc_t>
+void fold_lanes(const acc_t* part, acc_t* lane) {
+  for (int u = 0; u < kLanes; ++u) lane[u] += part[u] + part[u + kLanes];
+}
+
+// Whether the CPU (and the OS, which must save the AVX-512 registers) runs AVX-512 with its
+// bfloat16 conversions: AVX512-BF16 is CPUID leaf 7, subleaf 1, EAX bit 5; every CPU with AMX-BF16
+// has it too.
+bool cpu_has_avx512_bf16() {
+#if defined(__GNUC__) && defined(__x86_64__)
+  static const bool has = [] {
+    unsigned int a = 0, b = 0, c = 0, e = 0;
+    return __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+           __get_cpuid_count(7, 1, &a, &b, &c, &e) != 0 && (a & (1u << 5)) != 0;
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
+// Whether the bfloat16 loops below take their AVX-512 forms: where the CPU has them and ATen's own
+// kernels use AVX-512 as well, so that torch's knob ATEN_CPU_CAPABILITY (default, avx2) turns them
+// back to the portable loops, as it does ATen's.
+bool avx512_bf16_loops() {
+#if VCREG_AVX512_BF16
+  static const bool on = cpu_has_avx512_bf16() && at::get_cpu_capability() == "AVX512";
+  return on;
+#else
+  return false;
+#endif
+}
+
+#if VCREG_AVX512_BF16
+// The elementwise loops below on bfloat16 values, 16 at a time, where avx512_bf16_loops holds. The
+// portable loops convert float32 to bfloat16 a value at a time (c10's rounding, in SSE2 here: the
+// package is built for any x86-64): the bfloat16 gathers ran at 3 to 5 GB/s against 20 for a copy
+// (2-core Xeon). The rounding is the same, to nearest even (VCVTNEPS2BF16), with two exceptions
+// that no gradient can feel: a NaN keeps its sign and payload (c10 writes 0x7FC0), and float32
+// subnormals (below 1.2e-38) become zeros of their sign.
+#define VCREG_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+VCREG_BF16_TARGET inline __m512 load_bf16(const at::BFloat16* p) {
+  // The zero-masked forms: GCC 12 warns of the unmasked ones' undefined pass-through operand.
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __mmask16 all = 0xFFFF;
+  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(all, _mm512_maskz_cvtepu16_epi32(all, h), 16));
+}
+
+VCREG_BF16_TARGET inline void store_bf16(at::BFloat16* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+}
+
+// shift_run's blocks of 16 for bfloat16 input: dst = src - k in op_t (bfloat16 or float), the
+// sums as shift_run's portable loop forms them. Returns how many values it took.
+template <bool kSums, bool kStore, typename op_t>
+VCREG_BF16_TARGET int64_t shift_run_avx512(const at::BFloat16* __restrict src, float k, op_t* __restrict dst,
+                                           int64_t len, float* __restrict lane) {
+  const __m512 kv = _mm512_set1_ps(k);
+  __m512 acc = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= len; i += 16) {
+    const __m512 v = _mm512_sub_ps(load_bf16(src + i), kv);
+    if constexpr (kStore) {
+      if constexpr (std::is_same_v<op_t, at::BFloat16>) {
+        store_bf16(dst + i, v);
+      } else {
+        _mm512_storeu_ps(dst + i, v);
+      }
+    }
+    if constexpr (kSums) acc = _mm512_add_ps(acc, v);
+  }
+  if (kSums && i > 0) {
+    alignas(64) float part[2 * kLanes];
+    _mm512_store_ps(part, acc);
+    fold_lanes(part, lane);
+  }
+  return i;
+}
+
+// shift_row for bfloat16 input: dst = src - K over w features (each value as the portable loop
+// computes it); returns how many it took.
+template <bool kSums, bool kStore, typename op_t>
+VCREG_BF16_TARGET int64_t shift_row_avx512(const at::BFloat16* __restrict src, const float* __restrict K,
+                                           op_t* __restrict dst, int64_t w, float* __restrict part) {
+  int64_t j = 0;
+  for (; j + 16 <= w; j += 16) {
+    const __m512 v = _mm512_sub_ps(load_bf16(src + j), _mm512_loadu_ps(K + j));
+    if constexpr (kStore) {
+      if constexpr (std::is_same_v<op_t, at::BFloat16>) {
+        store_bf16(dst + j, v);
+      } else {
+        _mm512_storeu_ps(dst + j, v);
+      }
+    }
+    if constexpr (kSums) _mm512_storeu_ps(part + j, _mm512_add_ps(_mm512_loadu_ps(part + j), v));
+  }
+  return j;
+}
+
+// add_run / add_row for a bfloat16 gradient, without the dual plan's diagonal term (which could
+// fuse into an FMA here and not in the portable loop): out = gy + (t - c), c one value (cv) or one
+// per value (cj); returns how many values it took.
+VCREG_BF16_TARGET int64_t add_avx512(const at::BFloat16* __restrict gy, const float* __restrict t, float cv,
+                                     const float* __restrict cj, at::BFloat16* __restrict out, int64_t len) {
+  const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80000000u));
+  int64_t i = 0;
+  for (; i + 16 <= len; i += 16) {
+    const __m512 c = cj != nullptr ? _mm512_loadu_ps(cj + i) : _mm512_set1_ps(cv);
+    const __m512 minus_c = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(c), sign));  // -c, as -0.0 for 0
+    store_bf16(out + i, _mm512_add_ps(load_bf16(gy + i), _mm512_add_ps(_mm512_loadu_ps(t + i), minus_c)));
+  }
+  return i;
+}
+#undef VCREG_BF16_TARGET
+#endif
+
 // dst = src - k over len values, rounded to the operand type op_t (not stored without kStore);
 // kSums adds them (unrounded) to lane.
 template <bool kSums, bool kStore, typename scalar_t, typename acc_t, typename op_t>
 inline void shift_run(const scalar_t* __restrict src, acc_t k, op_t* __restrict dst, int64_t len,
                       acc_t* __restrict lane) {
   int64_t i = 0;
+#if VCREG_AVX512_BF16
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    if (avx512_bf16_loops()) i = shift_run_avx512<kSums, kStore>(src, k, dst, len, lane);
+  }
+#endif
+  if (i == 0 && len >= 2 * kLanes) {
+    acc_t part[2 * kLanes] = {};
+    for (; i + 2 * kLanes <= len; i += 2 * kLanes) {
+      for (int u = 0; u < 2 * kLanes; ++u) {
+        const acc_t v = static_cast<acc_t>(src[i + u]) - k;
+        if constexpr (kStore) dst[i + u] = static_cast<op_t>(v);
+        if constexpr (kSums) part[u] += v;
+      }
+    }
+    if constexpr (kSums) fold_lanes(part, lane);
+  }
   for (; i + kLanes <= len; i += kLanes) {
     for (int u = 0; u < kLanes; ++u) {
       const acc_t v = static_cast<acc_t>(src[i + u]) - k;
@@ -526,7 +667,13 @@ inline void shift_run(const scalar_t* __restrict src, acc_t k, op_t* __restrict 
 template <bool kSums, bool kStore, typename scalar_t, typename acc_t, typename op_t>
 inline void shift_row(const scalar_t* __restrict src, const acc_t* __restrict K, op_t* __restrict dst, int64_t w,
                       acc_t* __restrict part) {
-  for (int64_t j = 0; j < w; ++j) {
+  int64_t j = 0;
+#if VCREG_AVX512_BF16
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    if (avx512_bf16_loops()) j = shift_row_avx512<kSums, kStore>(src, K, dst, w, part);
+  }
+#endif
+  for (; j < w; ++j) {
     const acc_t v = static_cast<acc_t>(src[j]) - K[j];
     if constexpr (kStore) dst[j] = static_cast<op_t>(v);
     if constexpr (kSums) part[j] += v;
@@ -537,7 +684,13 @@ inline void shift_row(const scalar_t* __restrict src, const acc_t* __restrict K,
 template <bool kDiag, typename acc_t, typename grad_t>
 inline void add_run(const grad_t* __restrict gy, const acc_t* __restrict t, const acc_t* __restrict p, acc_t c,
                     grad_t* __restrict out, int64_t len) {
-  for (int64_t i = 0; i < len; ++i) {
+  int64_t i = 0;
+#if VCREG_AVX512_BF16
+  if constexpr (!kDiag && std::is_same_v<grad_t, at::BFloat16> && std::is_same_v<acc_t, float>) {
+    if (avx512_bf16_loops()) i = add_avx512(gy, t, c, nullptr, out, len);
+  }
+#endif
+  for (; i < len; ++i) {
     const acc_t extra = kDiag ? p[i] * c : -c;
     out[i] = static_cast<grad_t>(static_cast<acc_t>(gy[i]) + (t[i] + extra));
   }
@@ -547,7 +700,13 @@ inline void add_run(const grad_t* __restrict gy, const acc_t* __restrict t, cons
 template <bool kDiag, typename acc_t, typename grad_t>
 inline void add_row(const grad_t* __restrict gy, const acc_t* __restrict t, const acc_t* __restrict p,
                     const acc_t* __restrict c, grad_t* __restrict out, int64_t w) {
-  for (int64_t j = 0; j < w; ++j) {
+  int64_t j = 0;
+#if VCREG_AVX512_BF16
+  if constexpr (!kDiag && std::is_same_v<grad_t, at::BFloat16> && std::is_same_v<acc_t, float>) {
+    if (avx512_bf16_loops()) j = add_avx512(gy, t, 0.0f, c, out, w);
+  }
+#endif
+  for (; j < w; ++j) {
     const acc_t extra = kDiag ? p[j] * c[j] : -c[j];
     out[j] = static_cast<grad_t>(static_cast<acc_t>(gy[j]) + (t[j] + extra));
   }

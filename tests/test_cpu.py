@@ -5,6 +5,8 @@ backend's in test_kernels.py, through the op in test_backends.py, and through th
 test_vicreg.py.
 """
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -213,6 +215,51 @@ def test_pair_kernels_bitwise_repeatable_and_thread_count_independent(size, dtyp
         return (*torch.ops.vcreg.pair_stats_kernel(za3, zb3), *torch.ops.vcreg.pair_apply_kernel(ops[0], za3, zb3, *ops[1:]))
 
     assert_same_at_any_thread_count(run)
+
+
+_VECTOR_LOOPS_CHILD = """
+import sys, torch, vcreg_kernels
+cases = torch.load(sys.argv[1])
+out = []
+for kind, tensors, args in cases:
+    if kind == "layer":
+        x3, gy3 = tensors
+        out.append((*torch.ops.vcreg.stats_kernel(x3), *torch.ops.vcreg.backward_kernel(gy3, x3, *args)))
+    else:
+        za3, zb3, ops = tensors
+        out.append((*torch.ops.vcreg.pair_stats_kernel(za3, zb3),
+                    *torch.ops.vcreg.pair_apply_kernel(ops[0], za3, zb3, *ops[1:])))
+torch.save(out, sys.argv[2])
+"""
+
+
+def test_bfloat16_vector_loops_match_the_portable_ones(tmp_path):
+    """The bfloat16 gathers and gradient writes take AVX-512 forms where the CPU has AVX512-BF16
+    and ATen uses AVX-512; ATEN_CPU_CAPABILITY=default turns them back to the portable loops. Both
+    give bitwise the same statistics and gradients, in every plan and in the pair kernels. (On a
+    CPU without AVX512-BF16 both runs take the portable loops.)"""
+    torch.manual_seed(0)
+    cases = []
+    for size in PLANS.values():
+        x3 = make_x3(*size, torch.bfloat16, mean=50.0)
+        for delta in (None, 0.05):
+            cases.append(("layer", (x3, torch.randn(x3.shape).to(torch.bfloat16)), (0.5, 0.2, 1e-4, 2.0, delta)))
+    for size in PAIR_PLANS.values():
+        za3, zb3 = make_pair3(*size, torch.bfloat16, mean=50.0)
+        cases.append(("pair", (za3, zb3, pair_operands(za3, zb3, mu_dtype=torch.float32)), ()))
+    torch.save(cases, tmp_path / "cases.pt")
+    outputs = []
+    for name, capability in (("vector", None), ("portable", "default")):
+        env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+        if capability is not None:
+            env["ATEN_CPU_CAPABILITY"] = capability
+        subprocess.run([sys.executable, "-c", _VECTOR_LOOPS_CHILD, str(tmp_path / "cases.pt"), str(tmp_path / name)],
+                       env=env, check=True)
+        outputs.append(torch.load(tmp_path / name))
+    for case, vector, portable in zip(cases, *outputs):
+        for a, b in zip(vector, portable):
+            assert a.dtype == b.dtype and torch.equal(a.view(torch.int16) if a.dtype == torch.bfloat16 else a,
+                                                      b.view(torch.int16) if b.dtype == torch.bfloat16 else b), case[0]
 
 
 @pytest.mark.parametrize("size", [(300, 7, 1), (3, 7, 37), (20000, 100, 1)], ids=split_id)
