@@ -172,6 +172,7 @@ constexpr int64_t kPairFeatures = 512;             // pair apply: widest feature
 constexpr int64_t kPairSamples = 512;              // pair apply: longest sample block per product
 constexpr int64_t kGatherRows = 16;                // pair apply ("rows"): samples per gather task
 constexpr int64_t kInvarianceChunk = 1 << 16;      // pair stats (grouped, streamed): values per invariance task
+constexpr int64_t kRoundChunk = 1 << 16;          // G rounded to bfloat16: values per parallel task
 constexpr int64_t kPassTile = 64;                  // d x d and n x n passes: tile width
 constexpr int64_t kRowGrain = 256;                 // d x d and n x n passes: from this size on in parallel
 constexpr size_t kOutputPoolBlocks = 4;            // grad_x memory kept for later calls: at most this many blocks
@@ -431,6 +432,8 @@ void with_operand_type(int64_t n, int64_t d, const F& f) {
   f(static_cast<at::opmath_type<scalar_t>*>(nullptr));
 }
 
+void round_to_bf16(const float* src, at::BFloat16* dst, int64_t count);
+
 // G (count values) as a product operand: G itself, or G rounded to op_t into buf (count values;
 // by default this thread's scratch).
 template <typename op_t, typename acc_t>
@@ -438,8 +441,9 @@ const op_t* as_operand(const acc_t* G, int64_t count, op_t* buf = nullptr) {
   if constexpr (std::is_same_v<op_t, acc_t>) {
     return G;
   } else {
+    static_assert(std::is_same_v<op_t, at::BFloat16> && std::is_same_v<acc_t, float>);
     op_t* h = buf != nullptr ? buf : scratch<op_t>(Scratch::kOperandG, count);
-    for (int64_t i = 0; i < count; ++i) h[i] = static_cast<op_t>(G[i]);
+    round_to_bf16(G, h, count);
     return h;
   }
 }
@@ -623,6 +627,12 @@ VCREG_BF16_TARGET int64_t add_avx512(const at::BFloat16* __restrict gy, const fl
   }
   return i;
 }
+// round_to_bf16's blocks of 16; returns how many values it took.
+VCREG_BF16_TARGET int64_t round_avx512(const float* __restrict src, at::BFloat16* __restrict dst, int64_t len) {
+  int64_t i = 0;
+  for (; i + 16 <= len; i += 16) store_bf16(dst + i, _mm512_loadu_ps(src + i));
+  return i;
+}
 #undef VCREG_BF16_TARGET
 #endif
 
@@ -710,6 +720,18 @@ inline void add_row(const grad_t* __restrict gy, const acc_t* __restrict t, cons
     const acc_t extra = kDiag ? p[j] * c[j] : -c[j];
     out[j] = static_cast<grad_t>(static_cast<acc_t>(gy[j]) + (t[j] + extra));
   }
+}
+
+// dst = src rounded to bfloat16 (count values), in chunks of kRoundChunk in parallel.
+void round_to_bf16(const float* src, at::BFloat16* dst, int64_t count) {
+  parallel_tasks(ceil_div(count, kRoundChunk), [&](int64_t c) {
+    int64_t i = c * kRoundChunk;
+    const int64_t end = std::min(count, i + kRoundChunk);
+#if VCREG_AVX512_BF16
+    if (avx512_bf16_loops()) i += round_avx512(src + i, dst + i, end - i);
+#endif
+    for (; i < end; ++i) dst[i] = static_cast<at::BFloat16>(src[i]);
+  });
 }
 
 // Features j0 <= j < j1 of samples s0 .. s0+count-1 of P = X - 1 K^T, computed in the accumulate
