@@ -25,7 +25,9 @@ if os.environ.get("VCREG_NO_EXTENSION", "0") != "1":
     with_cuda = has_cuda_torch and cuda_sources and (
         os.environ.get("FORCE_CUDA", "0") == "1" or (torch.cuda.is_available() and CUDA_HOME is not None)
     )
-    cxx = ["-O3", "-std=c++20"]  # torch 2.14's headers use C++20
+    # torch 2.14's headers use C++20. No contraction into FMAs: the CPU kernels' AVX-512 loops and
+    # their portable twins (built for any x86-64, no FMA) must round alike.
+    cxx = ["-O3", "-std=c++20", "-ffp-contract=off"]
     link = []
     if torch.backends.openmp.is_available():
         # at::parallel_for is inline header code: without OpenMP here it runs serially.

@@ -627,6 +627,26 @@ VCREG_BF16_TARGET int64_t add_avx512(const at::BFloat16* __restrict gy, const fl
   }
   return i;
 }
+// pair_grad_run / pair_grad_row (the VICReg pair apply) for bfloat16 branches:
+// oa = ((ta - ca) + inv) g, ob = ((tb - cb) - inv) g, inv = (a - b) c, with ca, cb one value each
+// (cav, cbv) or one per value (caj, cbj); returns how many values it took.
+VCREG_BF16_TARGET int64_t pair_grad_avx512(const at::BFloat16* __restrict a, const at::BFloat16* __restrict b,
+                                           const float* __restrict ta, const float* __restrict tb, float cav,
+                                           float cbv, const float* __restrict caj, const float* __restrict cbj,
+                                           float g, float c, at::BFloat16* __restrict oa,
+                                           at::BFloat16* __restrict ob, int64_t len) {
+  const __m512 gv = _mm512_set1_ps(g), cv = _mm512_set1_ps(c);
+  int64_t i = 0;
+  for (; i + 16 <= len; i += 16) {
+    const __m512 ca = caj != nullptr ? _mm512_loadu_ps(caj + i) : _mm512_set1_ps(cav);
+    const __m512 cb = cbj != nullptr ? _mm512_loadu_ps(cbj + i) : _mm512_set1_ps(cbv);
+    const __m512 inv = _mm512_mul_ps(_mm512_sub_ps(load_bf16(a + i), load_bf16(b + i)), cv);
+    store_bf16(oa + i, _mm512_mul_ps(_mm512_add_ps(_mm512_sub_ps(_mm512_loadu_ps(ta + i), ca), inv), gv));
+    store_bf16(ob + i, _mm512_mul_ps(_mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(tb + i), cb), inv), gv));
+  }
+  return i;
+}
+
 // round_to_bf16's blocks of 16; returns how many values it took.
 VCREG_BF16_TARGET int64_t round_avx512(const float* __restrict src, at::BFloat16* __restrict dst, int64_t len) {
   int64_t i = 0;
@@ -1800,7 +1820,13 @@ template <typename scalar_t, typename acc_t>
 inline void pair_grad_row(const scalar_t* __restrict a, const scalar_t* __restrict b, const acc_t* __restrict ta,
                           const acc_t* __restrict tb, const acc_t* __restrict ca, const acc_t* __restrict cb, acc_t g,
                           acc_t c, scalar_t* __restrict oa, scalar_t* __restrict ob, int64_t w) {
-  for (int64_t j = 0; j < w; ++j) {
+  int64_t j = 0;
+#if VCREG_AVX512_BF16
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16> && std::is_same_v<acc_t, float>) {
+    if (avx512_bf16_loops()) j = pair_grad_avx512(a, b, ta, tb, 0.0f, 0.0f, ca, cb, g, c, oa, ob, w);
+  }
+#endif
+  for (; j < w; ++j) {
     const acc_t inv = (static_cast<acc_t>(a[j]) - static_cast<acc_t>(b[j])) * c;
     oa[j] = static_cast<scalar_t>((ta[j] - ca[j] + inv) * g);
     ob[j] = static_cast<scalar_t>((tb[j] - cb[j] - inv) * g);
@@ -1811,7 +1837,13 @@ template <typename scalar_t, typename acc_t>
 inline void pair_grad_run(const scalar_t* __restrict a, const scalar_t* __restrict b, const acc_t* __restrict ta,
                           const acc_t* __restrict tb, acc_t ca, acc_t cb, acc_t g, acc_t c, scalar_t* __restrict oa,
                           scalar_t* __restrict ob, int64_t len) {
-  for (int64_t i = 0; i < len; ++i) {
+  int64_t i = 0;
+#if VCREG_AVX512_BF16
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16> && std::is_same_v<acc_t, float>) {
+    if (avx512_bf16_loops()) i = pair_grad_avx512(a, b, ta, tb, ca, cb, nullptr, nullptr, g, c, oa, ob, len);
+  }
+#endif
+  for (; i < len; ++i) {
     const acc_t inv = (static_cast<acc_t>(a[i]) - static_cast<acc_t>(b[i])) * c;
     oa[i] = static_cast<scalar_t>((ta[i] - ca + inv) * g);
     ob[i] = static_cast<scalar_t>((tb[i] - cb - inv) * g);
