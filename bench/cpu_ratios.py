@@ -1,4 +1,4 @@
-"""The `cpu` backend against its yardsticks, float32, one layer's forward+backward, interleaved.
+"""The `cpu` backend against its yardsticks, one layer's forward+backward, interleaved.
 
 For each shape (SPEC section 7's activations at batch 4 and 16), in the same run and interleaved
 round by round, the time of
@@ -15,9 +15,10 @@ round by round, the time of
 
 and the ratios of the medians ours/eager (target <= 1), ours/blas (target <= 1.3) and ours/naive.
 x's gradient from the previous round is dropped before each timed call, outside the timer.
-bench/report.py prints them with p20 and p80 beside each median.
+bench/report.py prints them, in float32, with p20 and p80 beside each median; ``--dtype bfloat16``
+runs every case in bfloat16 (the floor's products then take torch's bfloat16 path).
 
-    .venv/bin/python -m bench.cpu_ratios [--reps 20] [--threads N] [--batch 4 16]
+    .venv/bin/python -m bench.cpu_ratios [--reps 20] [--threads N] [--batch 4 16] [--dtype float32]
 """
 from __future__ import annotations
 
@@ -74,17 +75,17 @@ def _timer(fn: Callable[[], None], before: Callable[[], None]) -> Callable[[], f
     return run
 
 
-def measure(shape: LayerShape, reps: int, warmup: int = 2) -> dict[str, list[float]]:
-    """Seconds of each of ``reps`` interleaved rounds of ``CASES`` at ``shape`` (float32, CPU),
+def measure(shape: LayerShape, reps: int, warmup: int = 2, dtype: torch.dtype = torch.float32) -> dict[str, list[float]]:
+    """Seconds of each of ``reps`` interleaved rounds of ``CASES`` at ``shape`` (CPU, in ``dtype``),
     on the backend currently chosen (``vcreg_kernels.set_backend``)."""
     dim = shape.dim
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(shape.shape, generator=g).requires_grad_()
-    grad_y = torch.randn(shape.shape, generator=g)
+    x = torch.randn(shape.shape, generator=g).to(dtype).requires_grad_()
+    grad_y = torch.randn(shape.shape, generator=g).to(dtype)
     d = shape.shape[dim]
     X = x.detach().movedim(dim, -1).reshape(-1, d).contiguous()
     G = torch.randn(d, d, generator=g)
-    G = G + G.T
+    G = (G + G.T).to(dtype)
 
     def ours():
         vcreg_kernels.vcreg(x, ALPHA, BETA, EPS, dim=dim).backward(grad_y)
@@ -129,16 +130,18 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--batch", type=int, nargs="+", default=list(BATCHES))
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
     dispatch.set_backend("cpu")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.reps} interleaved rounds, "
+    print(f"torch {torch.__version__}, {args.dtype}, {torch.get_num_threads()} threads, {args.reps} interleaved rounds, "
           f"load average {os.getloadavg()[0]:.2f} at the start; median [p20, p80] in ms")
     print(f"{'shape':>34} {'ours':>22} {'eager':>22} {'blas':>22} {'naive':>10} "
           f"{'ours/eager':>10} {'ours/blas':>9} {'ours/naive':>10}")
     for shape in (s.with_batch(b) for b in args.batch for s in PAPER_SHAPES):
-        s = summary(measure(shape, args.reps))
+        s = summary(measure(shape, args.reps, dtype=dtype))
 
         def cell(k: str) -> str:
             c = s[k]
