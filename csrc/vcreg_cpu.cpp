@@ -151,7 +151,8 @@ constexpr int64_t kPanelMaxBytes = 32 << 20;       // panel, dual: the largest s
 constexpr int64_t kMinPanelWidth = 128;            // panel: narrower Q leaves too thin row blocks
 constexpr int64_t kBlock = 256;                    // panel, dual: Gram row-block width
 constexpr int64_t kMinBlocks = 4;                  // panel, dual: row blocks, paired into >= 2 equal tasks
-constexpr int64_t kGatherFeatures = 32;            // panel, dual: features per gather task
+constexpr int64_t kGatherFeatures = 32;            // panel, dual: features per gather task ("bdl")
+constexpr int64_t kGatherRowFeatures = 128;        //   ... ("rows": a row's run of them)
 constexpr int64_t kSuperPanelBytes = 8 << 20;      // streamed: shifted X gathered per round; fits L3
 constexpr int64_t kGroups = 16;                    // grouped: parallel tasks, each a range of samples
 constexpr int64_t kGroupPanelBytes = 512 << 10;    // grouped: gathered panel per task; fits L2
@@ -877,8 +878,9 @@ Panel<at::opmath_type<scalar_t>, op_t> gather_panel(const scalar_t* x, const Sha
   op_t* P = scratch<op_t>(Scratch::kGramPanel, n * d);
   std::vector<acc_t> m(d);
   // Feature blocks: each feature's sums come from one task, whatever the thread count.
-  parallel_tasks(ceil_div(d, kGatherFeatures), [&](int64_t f) {
-    const int64_t j0 = f * kGatherFeatures, j1 = std::min(d, j0 + kGatherFeatures);
+  const int64_t wf = sh.rows() ? kGatherRowFeatures : kGatherFeatures;
+  parallel_tasks(ceil_div(d, wf), [&](int64_t f) {
+    const int64_t j0 = f * wf, j1 = std::min(d, j0 + wf);
     if constexpr (std::is_same_v<op_t, acc_t>) {
       gather_shifted<true>(x, sh, 0, n, j0, j1, p.K.data(), P, p.ld, p.S.data());
       for (int64_t j = j0; j < j1; ++j) m[j] = static_cast<acc_t>(p.S[j] / static_cast<double>(n));
@@ -1220,6 +1222,32 @@ double fill_diagonal(int64_t d, int64_t n, double alpha, double eps, double gamm
   return l_var / dd;
 }
 
+// One row's run of len off-diagonal elements of G (fill_gradient_matrix): from M2 = q (kCentred)
+// or q - si Sn, C = M2 / (n-1), G = scale C (clipped to [-dl, dl] first with kClip), and phi(C)
+// summed into cov, lane u taking the elements at u mod kLanes.
+template <bool kClip, bool kCentred, typename q_t, typename acc_t>
+inline void gradient_row(const q_t* __restrict q, const double* __restrict Sn, double si, double inv_nm1, double scale,
+                         double dl, acc_t* __restrict g, int64_t len, double* __restrict cov) {
+  const auto element = [&](int64_t j, int u) {
+    double m2 = static_cast<double>(q[j]);
+    if constexpr (!kCentred) m2 -= si * Sn[j];
+    const double c = m2 * inv_nm1;
+    if constexpr (kClip) {
+      const double a = std::abs(c);
+      cov[u] += a <= dl ? c * c : 2.0 * dl * a - dl * dl;
+      g[j] = static_cast<acc_t>(std::min(std::max(c, -dl), dl) * scale);  // min/max keep NaN
+    } else {
+      cov[u] += c * c;
+      g[j] = static_cast<acc_t>(c * scale);
+    }
+  };
+  int64_t j = 0;
+  for (; j + kLanes <= len; j += kLanes) {
+    for (int u = 0; u < kLanes; ++u) element(j + u, u);
+  }
+  for (int u = 0; j < len; ++j, ++u) element(j, u);
+}
+
 // G (d x d, in acc_t) of SPEC section 2 from C = M2 / (n-1), M2 formed on the fly in float64 from
 // Q's upper triangle (see Moments); returns (l_var, l_cov).
 template <bool kCentred, typename acc_t, typename q_t>
@@ -1246,27 +1274,9 @@ std::pair<double, double> fill_gradient_matrix(const q_t* Q, const double* S, in
       double cov[kLanes] = {};
       for (int64_t i = i0; i < i1; ++i) {
         if (i + 4 < i1) prefetch_row(Q + (i + 4) * d + j0, j1 - j0, /*write=*/false);
-        const double si = S[i];
-        const q_t* q = Q + i * d;
-        acc_t* g_row = buf + (i - i0) * wj - j0;
-        const auto element = [&](int64_t j, int u) {
-          double m2 = static_cast<double>(q[j]);
-          if constexpr (!kCentred) m2 -= si * Sn[j];
-          const double c = m2 * inv_nm1;
-          if constexpr (decltype(clip)::value) {
-            const double a = std::abs(c);
-            cov[u] += a <= dl ? c * c : 2.0 * dl * a - dl * dl;
-            g_row[j] = static_cast<acc_t>(std::min(std::max(c, -dl), dl) * scale);  // min/max keep NaN
-          } else {
-            cov[u] += c * c;
-            g_row[j] = static_cast<acc_t>(c * scale);
-          }
-        };
-        int64_t j = std::max(i + 1, j0);
-        for (; j + kLanes <= j1; j += kLanes) {
-          for (int u = 0; u < kLanes; ++u) element(j + u, u);
-        }
-        for (int u = 0; j < j1; ++j, ++u) element(j, u);
+        const int64_t jb = std::max(i + 1, j0);
+        gradient_row<decltype(clip)::value, kCentred>(Q + i * d + jb, Sn.data() + jb, S[i], inv_nm1, scale, dl,
+                                                      buf + (i - i0) * wj + (jb - j0), j1 - jb, cov);
       }
       tile_cov[t] = sum_lanes(cov);
       write_mirrored(buf, i0, i1, j0, j1, d, G);
