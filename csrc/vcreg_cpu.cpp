@@ -162,7 +162,9 @@ constexpr int64_t kTile = 96;                      // grouped, streamed: Gram ro
 constexpr int64_t kMinSplitWidth = 96;             // from here on even two blocks beat one square product
 constexpr int64_t kMinGramItems = 16;              // streamed: tiles x sample groups per super-panel
 constexpr int64_t kMinGroupSamples = 128;          // the shortest product worth one BLAS call
-constexpr int64_t kApplyPanelBytes = 256 << 10;    // apply: product block; stays in L2
+constexpr int64_t kApplyPanelBytes = 256 << 10;    // apply (gathered): product block; stays in L2
+constexpr int64_t kApplyBlockBytes = 1 << 20;      // apply (panel, dual): product block, float32 operands
+constexpr int64_t kApplyBlockBytes16 = 256 << 10;  //   ... bfloat16 operands
 constexpr int64_t kApplyPanelSamples = 512;        // apply (gathered): panel length for large d
 constexpr int64_t kApplyPanelMaxBytes = 4 << 20;   // apply (gathered): panel cap for very large d
 constexpr int64_t kMinApplyPanelSamples = 256;     // apply (gathered): shortest panel worth rounding the count for
@@ -1363,20 +1365,30 @@ void apply_gathered(const Shape& sh, const scalar_t* x, const op_t* G, const at:
 
 // The (feature block x sample block) products of the panel and dual plans' applies: blocks of
 // whole rows ("rows": the product's rows are grad_x's) or of up to kBlock features ("bdl"), and
-// of kMinApplySamples or more samples whose product stays within kApplyPanelBytes, at least
-// kMinApplyTasks of them; fixed by n, d and the layout.
+// of kMinApplySamples or more samples whose product stays within block_bytes, at least
+// kMinApplyTasks of them; fixed by n, d, the layout and the operand type.
 struct ApplyGrid {
   int64_t nf, wf, ns, ls;
 };
 
-ApplyGrid apply_grid(int64_t n, int64_t d, int64_t elem_bytes, bool rows) {
+ApplyGrid apply_grid(int64_t n, int64_t d, int64_t elem_bytes, bool rows, int64_t block_bytes) {
   ApplyGrid g;
   g.nf = rows ? 1 : ceil_div(d, kBlock);
-  const int64_t blocks = std::max(kMinApplyTasks, ceil_div(n * d * elem_bytes, kApplyPanelBytes));
-  g.ns = std::clamp<int64_t>(ceil_div(blocks, g.nf), 1, std::max<int64_t>(1, n / kMinApplySamples));
+  const int64_t blocks = std::max(kMinApplyTasks, ceil_div(n * d * elem_bytes, block_bytes));
+  const int64_t max_ns = std::max<int64_t>(1, n / kMinApplySamples);
+  g.ns = std::clamp<int64_t>(ceil_div(blocks, g.nf), 1, max_ns);
   if (g.nf * g.ns < kMinApplyTasks) g.nf = std::min(ceil_div(kMinApplyTasks, g.ns), std::max<int64_t>(1, d / 32));
   g.wf = ceil_div(d, g.nf);
   g.nf = ceil_div(d, g.wf);
+  // A multiple of kMinApplyTasks products, where the samples allow: as many for each of 1, 2 or 4
+  // threads (5 products on 2 threads took as long as 6).
+  for (int64_t ns = g.ns; ns <= max_ns; ++ns) {
+    const int64_t ls = ceil_div(n, ns);
+    if (g.nf * ceil_div(n, ls) % kMinApplyTasks == 0) {
+      g.ns = ns;
+      break;
+    }
+  }
   g.ls = ceil_div(n, g.ns);
   g.ns = ceil_div(n, g.ls);
   return g;
@@ -1390,7 +1402,10 @@ void apply_panel(const Shape& sh, const Panel<acc_t, op_t>& panel, const op_t* M
   static_assert(!kDual || std::is_same_v<op_t, acc_t>);
   const int64_t d = sh.d, n = sh.n, ldp = panel.ld;
   const op_t* P = panel.P;
-  const ApplyGrid g = apply_grid(n, d, sizeof(acc_t), sh.rows());
+  // Larger blocks pack G fewer times; bfloat16 products are fast enough that the smaller blocks'
+  // gradient writes, from L2, count for more (2-core Xeon with AMX).
+  const int64_t block_bytes = std::is_same_v<op_t, acc_t> ? kApplyBlockBytes : kApplyBlockBytes16;
+  const ApplyGrid g = apply_grid(n, d, sizeof(acc_t), sh.rows(), block_bytes);
   acc_t* buf_all = scratch<acc_t>(Scratch::kApply, at::get_num_threads() * g.ls * g.wf);
   parallel_tasks(g.nf * g.ns, [&](int64_t q) {
     acc_t* T = buf_all + at::get_thread_num() * g.ls * g.wf;
