@@ -630,6 +630,7 @@ VCREG_BF16_TARGET int64_t add_avx512(const at::BFloat16* __restrict gy, const fl
   }
   return i;
 }
+
 // pair_grad_run / pair_grad_row (the VICReg pair apply) for bfloat16 branches:
 // oa = ((ta - ca) + inv) g, ob = ((tb - cb) - inv) g, inv = (a - b) c, with ca, cb one value each
 // (cav, cbv) or one per value (caj, cbj); returns how many values it took.
