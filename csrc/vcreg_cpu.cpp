@@ -1382,7 +1382,7 @@ ApplyGrid apply_grid(int64_t n, int64_t d, int64_t elem_bytes, bool rows, int64_
   g.wf = ceil_div(d, g.nf);
   g.nf = ceil_div(d, g.wf);
   // A multiple of kMinApplyTasks products, where the samples allow: as many for each of 1, 2 or 4
-  // threads (5 products on 2 threads took as long as 6).
+  // threads (of 5 products on 2 threads, the last one runs alone).
   for (int64_t ns = g.ns; ns <= max_ns; ++ns) {
     const int64_t ls = ceil_div(n, ns);
     if (g.nf * ceil_div(n, ls) % kMinApplyTasks == 0) {
