@@ -355,13 +355,12 @@ extern "C" void gemm_bf16bf16f32_(const char*, const char*, const int*, const in
                                   const at::BFloat16*, const int*, const at::BFloat16*, const int*, const float*,
                                   float*, const int*) __attribute__((weak));
 
-// Products of bfloat16 operands where the BLAS has them and the CPU multiplies bfloat16 natively,
-// for sizes within the BLAS's int32 arguments. AVX512-BF16 (CPUID leaf 7, subleaf 1, EAX bit 5)
-// comes with every CPU that has AMX-BF16 too; MKL picks the instructions. One thread's product ran
-// at 2 to 5 times the rate of float32's at the shapes the plans make (2-core Xeon with AMX:
-// 280-770 against 155-170 GFLOP/s).
 bool cpu_has_avx512_bf16();
 
+// Products of bfloat16 operands where the BLAS has them and the CPU multiplies bfloat16 natively
+// (cpu_has_avx512_bf16; MKL picks the instructions, AMX where present), for sizes within the
+// BLAS's int32 arguments. One thread's product ran at 2 to 5 times the rate of float32's at the
+// shapes the plans make (2-core Xeon with AMX: 280-770 against 155-170 GFLOP/s).
 bool bf16_products(int64_t n, int64_t d) {
   static const bool native = gemm_bf16bf16f32_ != nullptr && cpu_has_avx512_bf16();
   return native && std::max(n, d) <= std::numeric_limits<int>::max();
@@ -569,6 +568,10 @@ VCREG_BF16_TARGET inline void store_bf16(at::BFloat16* p, __m512 v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
 }
 
+// 16 float32 values stored as op_t: rounded to bfloat16, or as they are.
+VCREG_BF16_TARGET inline void store_as(at::BFloat16* p, __m512 v) { store_bf16(p, v); }
+VCREG_BF16_TARGET inline void store_as(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+
 // shift_run's blocks of 16 for bfloat16 input: dst = src - k in op_t (bfloat16 or float), the
 // sums as shift_run's portable loop forms them. Returns how many values it took.
 template <bool kSums, bool kStore, typename op_t>
@@ -579,13 +582,7 @@ VCREG_BF16_TARGET int64_t shift_run_avx512(const at::BFloat16* __restrict src, f
   int64_t i = 0;
   for (; i + 16 <= len; i += 16) {
     const __m512 v = _mm512_sub_ps(load_bf16(src + i), kv);
-    if constexpr (kStore) {
-      if constexpr (std::is_same_v<op_t, at::BFloat16>) {
-        store_bf16(dst + i, v);
-      } else {
-        _mm512_storeu_ps(dst + i, v);
-      }
-    }
+    if constexpr (kStore) store_as(dst + i, v);
     if constexpr (kSums) acc = _mm512_add_ps(acc, v);
   }
   if (kSums && i > 0) {
@@ -604,13 +601,7 @@ VCREG_BF16_TARGET int64_t shift_row_avx512(const at::BFloat16* __restrict src, c
   int64_t j = 0;
   for (; j + 16 <= w; j += 16) {
     const __m512 v = _mm512_sub_ps(load_bf16(src + j), _mm512_loadu_ps(K + j));
-    if constexpr (kStore) {
-      if constexpr (std::is_same_v<op_t, at::BFloat16>) {
-        store_bf16(dst + j, v);
-      } else {
-        _mm512_storeu_ps(dst + j, v);
-      }
-    }
+    if constexpr (kStore) store_as(dst + j, v);
     if constexpr (kSums) _mm512_storeu_ps(part + j, _mm512_add_ps(_mm512_loadu_ps(part + j), v));
   }
   return j;
