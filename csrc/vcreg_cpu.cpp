@@ -43,7 +43,10 @@
 // why). float16 input, and bfloat16 on other CPUs, multiply in float32. On the same CPUs the
 // bfloat16 gathers and gradient writes run as AVX-512 loops (avx512_bf16_loops), bitwise equal to
 // the portable ones that ATEN_CPU_CAPABILITY=default selects (NaN payloads and float32 subnormals
-// aside).
+// aside). float32 input in "bdl" with d <= kFusedMaxFeatures has its apply (panel, grouped and
+// streamed plans, apply_kernel) as one pass of AVX-512 FMAs on such CPUs (fused_apply): x (or the
+// centred panel) and grad_y read and grad_x written tile by tile, each value one FMA chain over the
+// features in order; elsewhere the gather, a BLAS product and the add.
 //
 // Plans, chosen by n, d and whether delta is set (never by the thread count):
 //   dual (backward_kernel; delta None, n <= d, X within kPanelMaxBytes). Without a clip G is M2
@@ -90,7 +93,8 @@
 // the same run to run and for any number of threads; the threads claim them one at a time
 // (parallel_tasks). Each feature's
 // sums come from one task; every product is one BLAS call of a fixed shape on one thread
-// (SingleThreadBlas: MKL would cut a product's inner dimension by its thread count); accumulators
+// (SingleThreadBlas: MKL would cut a product's inner dimension by its thread count), or in the fused
+// apply one FMA chain per value, whatever the tiling; accumulators
 // and partial sums are added in a fixed order (sample groups, tiles, chunks). Panel and dual Gram
 // products: row blocks I and nb-1-I of the triangle make one task, of equal work (per branch in
 // pair_stats); their applies: (feature block x sample block) products, whole rows in the "rows"
@@ -132,12 +136,13 @@
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #include <cpuid.h>
 #endif
-// The bfloat16 loops' AVX-512 forms (avx512_bf16_loops below) need a compiler that knows AVX512-BF16.
+// The AVX-512 code (the bfloat16 loops of avx512_bf16_loops, the float32 apply of fused_apply) needs a
+// compiler that knows AVX512-BF16.
 #if defined(__x86_64__) && ((defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 10))
-#define VCREG_AVX512_BF16 1
+#define VCREG_AVX512 1
 #include <immintrin.h>
 #else
-#define VCREG_AVX512_BF16 0
+#define VCREG_AVX512 0
 #endif
 
 namespace vcreg {
@@ -171,6 +176,8 @@ constexpr int64_t kMinApplyPanelSamples = 256;     // apply (gathered): shortest
 constexpr int64_t kApplyPanelMultiple = 8;         // apply (gathered): panel count splits evenly over 1, 2, 4, 8 threads
 constexpr int64_t kMinApplyTasks = 4;              // apply (panel, dual): fewest products
 constexpr int64_t kMinApplySamples = 128;          // apply (panel, dual): shortest sample block
+constexpr int64_t kFusedSamples = 384;             // fused apply: samples per task, a run of one slab
+constexpr int64_t kFusedMaxFeatures = 192;         // fused apply (float32, bdl): widest d it serves
 constexpr int64_t kPairFeatures = 512;             // pair apply: widest feature block (G's columns) per product
 constexpr int64_t kPairSamples = 512;              // pair apply: longest sample block per product
 constexpr int64_t kGatherRows = 16;                // pair apply ("rows"): samples per gather task
@@ -186,7 +193,7 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Scratch memory kept per calling thread and reused by later calls. The temporaries are a few MiB;
 // allocated afresh on each call they fragment the heap so that grad_x often lands on fresh pages,
 // which the kernel then faults in and zeroes (~1 ms for a 10 MB gradient, as much as a product).
-enum class Scratch { kGramAcc, kGramPanel, kGramProd, kG, kApply, kOperandG, kCount };
+enum class Scratch { kGramAcc, kGramPanel, kGramProd, kG, kApply, kOperandG, kPackedG, kFusedTile, kCount };
 
 void* scratch_bytes(Scratch slot, int64_t bytes) {
   thread_local at::Tensor buffers[static_cast<int>(Scratch::kCount)];
@@ -540,7 +547,7 @@ bool cpu_has_avx512_bf16() {
 // kernels use AVX-512 as well, so that torch's knob ATEN_CPU_CAPABILITY (default, avx2) turns them
 // back to the portable loops, as it does ATen's.
 bool avx512_bf16_loops() {
-#if VCREG_AVX512_BF16
+#if VCREG_AVX512
   static const bool on = cpu_has_avx512_bf16() && at::get_cpu_capability() == "AVX512";
   return on;
 #else
@@ -548,7 +555,7 @@ bool avx512_bf16_loops() {
 #endif
 }
 
-#if VCREG_AVX512_BF16
+#if VCREG_AVX512
 // The elementwise loops below on bfloat16 values, 16 at a time, where avx512_bf16_loops holds. The
 // portable loops convert float32 to bfloat16 a value at a time (c10's rounding, in SSE2 here: the
 // package is built for any x86-64): the bfloat16 gathers ran at 3 to 5 GB/s against 20 for a copy
@@ -657,7 +664,7 @@ template <bool kSums, bool kStore, typename scalar_t, typename acc_t, typename o
 inline void shift_run(const scalar_t* __restrict src, acc_t k, op_t* __restrict dst, int64_t len,
                       acc_t* __restrict lane) {
   int64_t i = 0;
-#if VCREG_AVX512_BF16
+#if VCREG_AVX512
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
     if (avx512_bf16_loops()) i = shift_run_avx512<kSums, kStore>(src, k, dst, len, lane);
   }
@@ -693,7 +700,7 @@ template <bool kSums, bool kStore, typename scalar_t, typename acc_t, typename o
 inline void shift_row(const scalar_t* __restrict src, const acc_t* __restrict K, op_t* __restrict dst, int64_t w,
                       acc_t* __restrict part) {
   int64_t j = 0;
-#if VCREG_AVX512_BF16
+#if VCREG_AVX512
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
     if (avx512_bf16_loops()) j = shift_row_avx512<kSums, kStore>(src, K, dst, w, part);
   }
@@ -710,7 +717,7 @@ template <bool kDiag, typename acc_t, typename grad_t>
 inline void add_run(const grad_t* __restrict gy, const acc_t* __restrict t, const acc_t* __restrict p, acc_t c,
                     grad_t* __restrict out, int64_t len) {
   int64_t i = 0;
-#if VCREG_AVX512_BF16
+#if VCREG_AVX512
   if constexpr (!kDiag && std::is_same_v<grad_t, at::BFloat16> && std::is_same_v<acc_t, float>) {
     if (avx512_bf16_loops()) i = add_avx512(gy, t, c, nullptr, out, len);
   }
@@ -726,7 +733,7 @@ template <bool kDiag, typename acc_t, typename grad_t>
 inline void add_row(const grad_t* __restrict gy, const acc_t* __restrict t, const acc_t* __restrict p,
                     const acc_t* __restrict c, grad_t* __restrict out, int64_t w) {
   int64_t j = 0;
-#if VCREG_AVX512_BF16
+#if VCREG_AVX512
   if constexpr (!kDiag && std::is_same_v<grad_t, at::BFloat16> && std::is_same_v<acc_t, float>) {
     if (avx512_bf16_loops()) j = add_avx512(gy, t, 0.0f, c, out, w);
   }
@@ -742,7 +749,7 @@ void round_to_bf16(const float* src, at::BFloat16* dst, int64_t count) {
   parallel_tasks(ceil_div(count, kRoundChunk), [&](int64_t c) {
     int64_t i = c * kRoundChunk;
     const int64_t end = std::min(count, i + kRoundChunk);
-#if VCREG_AVX512_BF16
+#if VCREG_AVX512
     if (avx512_bf16_loops()) i += round_avx512(src + i, dst + i, end - i);
 #endif
     for (; i < end; ++i) dst[i] = static_cast<at::BFloat16>(src[i]);
@@ -1310,6 +1317,165 @@ void add_grad(const acc_t* T, int64_t ldt, const acc_t* c, const acc_t* P, int64
   });
 }
 
+// The float32 applies of the "bdl" layout as one pass of AVX-512 FMAs (fused_apply: where the CPU has
+// AVX-512F, ATen uses AVX-512, as for avx512_bf16_loops, and d <= kFusedMaxFeatures). Each tile of
+// grad_x, 8 features by 48 samples of one slab, is
+//   out = gy + (sum_k G[k, j] (src[k, l] - K[k]) - c[j]),   one FMA chain over k = 0 .. d-1 in order,
+// src the activation (shifted as it is copied into the tile: the gathered panel's values, bitwise)
+// or the centred panel. The product, the shift and the gradient write share one instruction stream
+// and the next tile's lines are requested during this one's, so that the loads of x and grad_y
+// overlap the FMAs: the gather, the MKL product and the add, as three passes, left the passes'
+// memory traffic exposed (apply of (4, 96, 56, 56) with cold caches, 2-core Xeon: 1.45-1.51 ms, fused
+// 1.07-1.12; (4, 192, 28, 28) 1.15-1.20 against 0.87-0.92). From d = 256 MKL's blocked product
+// gains more than the overlap does (ResNet-50's and ConvNeXt-T's d = 256 to 512 stages took 1.01 to
+// 1.03x as long). Each value is one chain whatever the tiling, so the tasks (runs of one slab) fix
+// nothing in the result.
+bool fused_apply(const Shape& sh) {
+#if VCREG_AVX512
+  static const bool on = __builtin_cpu_supports("avx512f") && at::get_cpu_capability() == "AVX512";
+  return on && !sh.rows() && sh.d <= kFusedMaxFeatures;
+#else
+  (void)sh;
+  return false;
+#endif
+}
+
+#if VCREG_AVX512
+#define VCREG_AVX512_TARGET __attribute__((target("avx512f")))
+constexpr int kFusedWidth = 8;         // features per block of G, packed: Gp[(jb * d + k) * 8 + u] = G[k, 8 jb + u]
+constexpr int64_t kTileSamples = 48;   // samples per tile: 3 vectors, 24 accumulators with 8 features
+
+VCREG_AVX512_TARGET inline __mmask16 lanes_below(int64_t w) {
+  return w >= 16 ? static_cast<__mmask16>(0xFFFF) : w <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << w) - 1);
+}
+
+// One tile: kBlocks blocks of G's packed columns (gp: the first) against the w <= 16 kVec samples of
+// the packed tile pk (kTileSamples values a feature row, 64-byte aligned); writes features
+// j0 .. j0 + nj - 1 (gy, out: their rows, ldo apart, at the tile's first sample; c: at j0).
+template <int kVec, int kBlocks>
+VCREG_AVX512_TARGET inline void fused_tile(const float* __restrict pk, const float* __restrict gp, int64_t d,
+                                           const float* __restrict c, const float* __restrict gy,
+                                           float* __restrict out, int64_t ldo, int64_t nj, int64_t w) {
+  constexpr int kRows = kBlocks * kFusedWidth;
+  __m512 acc[kRows][kVec];
+  __mmask16 m[kVec];
+#pragma GCC unroll 8
+  for (int i = 0; i < kVec; ++i) m[i] = lanes_below(w - 16 * i);
+#pragma GCC unroll 16
+  for (int u = 0; u < kRows; ++u) {
+#pragma GCC unroll 8
+    for (int i = 0; i < kVec; ++i) acc[u][i] = _mm512_setzero_ps();
+  }
+  for (int64_t k = 0; k < d; ++k) {
+    __m512 v[kVec];
+#pragma GCC unroll 8
+    for (int i = 0; i < kVec; ++i) v[i] = _mm512_load_ps(pk + k * kTileSamples + 16 * i);
+#pragma GCC unroll 16
+    for (int u = 0; u < kRows; ++u) {
+      const __m512 g = _mm512_set1_ps(gp[((u / kFusedWidth) * d + k) * kFusedWidth + u % kFusedWidth]);
+#pragma GCC unroll 8
+      for (int i = 0; i < kVec; ++i) acc[u][i] = _mm512_fmadd_ps(g, v[i], acc[u][i]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int u = 0; u < kRows; ++u) {
+    if (u < nj) {
+      const __m512 cu = _mm512_set1_ps(c[u]);
+#pragma GCC unroll 8
+      for (int i = 0; i < kVec; ++i) {
+        const int64_t o = u * ldo + 16 * i;
+        const __m512 t = _mm512_sub_ps(acc[u][i], cu);
+        _mm512_mask_storeu_ps(out + o, m[i], _mm512_add_ps(_mm512_maskz_loadu_ps(m[i], gy + o), t));
+      }
+    }
+  }
+}
+
+// Samples 0 .. len-1 of one run: src's feature rows lds apart (shifted by K with kShift), gy's and
+// out's ldo apart. Tile by tile: the tile's values copied into this thread's packed tile, then every
+// block of features against it; while on a block, the next tile's lines of the block's rows are
+// requested (src and gy into L2, out for writing), as each row is a short stream of its own that the
+// hardware prefetcher would pick up late.
+template <bool kShift>
+VCREG_AVX512_TARGET void fused_run(const float* src, int64_t lds, const float* K, const float* Gp, const float* c,
+                                   int64_t d, const float* gy, float* out, int64_t ldo, int64_t len) {
+  const int64_t nb = ceil_div(d, kFusedWidth);
+  float* pk = scratch<float>(Scratch::kFusedTile, d * kTileSamples);  // at::empty: 64-byte aligned
+  for (int64_t l = 0; l < len; l += kTileSamples) {
+    const int64_t w = std::min(kTileSamples, len - l), next = l + kTileSamples;
+    for (int64_t k = 0; k < d; ++k) {
+      const __m512 kk = _mm512_set1_ps(kShift ? K[k] : 0.0f);
+      for (int i = 0; i < 3; ++i) {
+        __m512 v = _mm512_maskz_loadu_ps(lanes_below(w - 16 * i), src + k * lds + l + 16 * i);
+        if constexpr (kShift) v = _mm512_sub_ps(v, kk);
+        _mm512_store_ps(pk + k * kTileSamples + 16 * i, v);
+      }
+    }
+    for (int64_t jb = 0; jb < nb; ++jb) {
+      // A tile of one vector of samples takes two blocks of features: 8 FMA chains alone would wait
+      // on their latency.
+      const bool pair = w <= 16 && jb + 1 < nb;
+      const int64_t j0 = jb * kFusedWidth, nj = std::min<int64_t>(pair ? 2 * kFusedWidth : kFusedWidth, d - j0);
+      if (next < len) {
+        for (int64_t r = j0; r < j0 + nj; ++r) {
+          for (int64_t q = 0; q < kTileSamples; q += 16) {
+            __builtin_prefetch(src + r * lds + next + q, 0, 2);
+            __builtin_prefetch(gy + r * ldo + next + q, 0, 2);
+            __builtin_prefetch(out + r * ldo + next + q, 1, 3);
+          }
+        }
+      }
+      const float* gp = Gp + jb * d * kFusedWidth;
+      const float* t_gy = gy + j0 * ldo + l;
+      float* t_out = out + j0 * ldo + l;
+      if (w > 32) {
+        fused_tile<3, 1>(pk, gp, d, c + j0, t_gy, t_out, ldo, nj, w);
+      } else if (w > 16) {
+        fused_tile<2, 1>(pk, gp, d, c + j0, t_gy, t_out, ldo, nj, w);
+      } else if (pair) {
+        fused_tile<1, 2>(pk, gp, d, c + j0, t_gy, t_out, ldo, nj, w);
+        ++jb;
+      } else {
+        fused_tile<1, 1>(pk, gp, d, c + j0, t_gy, t_out, ldo, nj, w);
+      }
+    }
+  }
+}
+#endif
+
+// grad_x3 = gy3 + (S - 1 K^T) G - 1 c^T in the "bdl" layout, float32 throughout, where fused_apply(sh)
+// holds: S the activation x3 (kShift; slab b at src + b d L, feature rows L apart) or the centred
+// panel (src = P, sample (b, l) of feature k at P[k n + b L + l]; K unused). G: d x d, row-major.
+template <bool kShift>
+void apply_fused(const Shape& sh, const float* src, const float* K, const float* G, const float* c, const float* gy,
+                 float* out) {
+#if VCREG_AVX512
+  const int64_t d = sh.d, L = sh.L, B = sh.n / sh.L;
+  const int64_t nb = ceil_div(d, kFusedWidth);
+  float* Gp = scratch<float>(Scratch::kPackedG, nb * d * kFusedWidth);
+  for (int64_t jb = 0; jb < nb; ++jb) {
+    for (int64_t k = 0; k < d; ++k) {
+      for (int64_t u = 0; u < kFusedWidth; ++u) {
+        const int64_t j = jb * kFusedWidth + u;
+        Gp[(jb * d + k) * kFusedWidth + u] = j < d ? G[k * d + j] : 0.0f;
+      }
+    }
+  }
+  // Tasks: runs of about kFusedSamples samples of one slab, 16-sample multiples but for the last.
+  int64_t runs = ceil_div(L, kFusedSamples);
+  const int64_t len = ceil_div(ceil_div(L, runs), 16) * 16;
+  runs = ceil_div(L, len);
+  const int64_t slab = kShift ? d * L : L, lds = kShift ? L : sh.n;
+  parallel_tasks(B * runs, [&](int64_t t) {
+    const int64_t b = t / runs, l0 = (t % runs) * len, o = b * d * L + l0;
+    fused_run<kShift>(src + b * slab + l0, lds, K, Gp, c, d, gy + o, out + o, L, std::min(len, L - l0));
+  });
+#else
+  (void)sh, (void)src, (void)K, (void)G, (void)c, (void)gy, (void)out;
+  TORCH_INTERNAL_ASSERT(false, "vcreg: apply_fused without AVX-512");
+#endif
+}
+
 // grad_x3 = gy3 + (X - 1 K^T) G - 1 c^T, samples gathered panel by panel into the operand type op_t.
 // G: (d x d) contiguous, in op_t; K, c: (d) in the accumulate dtype; out: contiguous like x3, in
 // grad_t.
@@ -1317,6 +1483,9 @@ template <typename scalar_t, typename grad_t, typename op_t>
 void apply_gathered(const Shape& sh, const scalar_t* x, const op_t* G, const at::opmath_type<scalar_t>* K,
                     const at::opmath_type<scalar_t>* c, const grad_t* gy, grad_t* o) {
   using acc_t = at::opmath_type<scalar_t>;
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<op_t, float> && std::is_same_v<grad_t, float>) {
+    if (fused_apply(sh)) return apply_fused<true>(sh, x, K, G, c, gy, o);
+  }
   const int64_t d = sh.d, n = sh.n;
   // Panels of about kApplyPanelBytes, at least kApplyPanelSamples long (each product packs G again:
   // about 1/R of its own cost) unless that passes kApplyPanelMaxBytes. Their count is rounded up to
@@ -1392,6 +1561,9 @@ template <bool kDual, typename acc_t, typename op_t, typename grad_t>
 void apply_panel(const Shape& sh, const Panel<acc_t, op_t>& panel, const op_t* M, const acc_t* c, const grad_t* gy,
                  grad_t* o) {
   static_assert(!kDual || std::is_same_v<op_t, acc_t>);
+  if constexpr (!kDual && std::is_same_v<acc_t, float> && std::is_same_v<op_t, float> && std::is_same_v<grad_t, float>) {
+    if (fused_apply(sh)) return apply_fused<false>(sh, panel.P, nullptr, M, c, gy, o);
+  }
   const int64_t d = sh.d, n = sh.n, ldp = panel.ld;
   const op_t* P = panel.P;
   // Larger blocks pack G fewer times; bfloat16 products are fast enough that the smaller blocks'
@@ -1838,7 +2010,7 @@ inline void pair_grad_row(const scalar_t* __restrict a, const scalar_t* __restri
                           const acc_t* __restrict tb, const acc_t* __restrict ca, const acc_t* __restrict cb, acc_t g,
                           acc_t c, scalar_t* __restrict oa, scalar_t* __restrict ob, int64_t w) {
   int64_t j = 0;
-#if VCREG_AVX512_BF16
+#if VCREG_AVX512
   if constexpr (std::is_same_v<scalar_t, at::BFloat16> && std::is_same_v<acc_t, float>) {
     if (avx512_bf16_loops()) j = pair_grad_avx512(a, b, ta, tb, 0.0f, 0.0f, ca, cb, g, c, oa, ob, w);
   }
@@ -1855,7 +2027,7 @@ inline void pair_grad_run(const scalar_t* __restrict a, const scalar_t* __restri
                           const acc_t* __restrict tb, acc_t ca, acc_t cb, acc_t g, acc_t c, scalar_t* __restrict oa,
                           scalar_t* __restrict ob, int64_t len) {
   int64_t i = 0;
-#if VCREG_AVX512_BF16
+#if VCREG_AVX512
   if constexpr (std::is_same_v<scalar_t, at::BFloat16> && std::is_same_v<acc_t, float>) {
     if (avx512_bf16_loops()) i = pair_grad_avx512(a, b, ta, tb, ca, cb, nullptr, nullptr, g, c, oa, ob, len);
   }

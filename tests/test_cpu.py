@@ -26,12 +26,12 @@ pytestmark = pytest.mark.skipif(
 )
 
 # (B, d, L) that reach every plan: per-task sample ranges ("grouped", d < 128 with large n:
-# 8195 x 3, 8 x 96 x 1300), one centred panel of every sample ("panel": d = 257 with tiles of uneven
+# 8195 x 3, 8 x 96 x 1300, 3 x 100 x 2800), one centred panel of every sample ("panel": d = 257 with tiles of uneven
 # width, sample counts that leave remainders in every block, bdl runs across slab boundaries, a
 # 12000-sample panel), and the backward's "dual" plan (delta None and n <= d: products with
 # Xc Xc^T) in each layout; with a delta those take the panel plan.
 SPLITS = [(1031, 257, 1), (8195, 3, 1), (3000, 96, 1), (3, 257, 37), (5, 96, 613), (16, 130, 49), (8, 96, 1300),
-          (4, 160, 3000), (150, 300, 1), (3, 300, 49), (7, 1100, 37)]
+          (3, 100, 2800), (4, 160, 3000), (150, 300, 1), (3, 300, 49), (7, 1100, 37)]
 
 
 def split_id(size):
@@ -87,7 +87,8 @@ def test_stats_across_super_panels(size, dtype):
 
 PLANS = {"rows-grouped": (20000, 100, 1), "bdl-grouped": (8, 96, 1300), "rows-grouped-past-panel": (70000, 130, 1),
          "rows-streamed": (30000, 300, 1), "bdl-panel": (16, 384, 196), "rows-panel": (3000, 200, 1),
-         "bdl-panel-large-n": (4, 256, 3136), "rows-dual": (200, 768, 1), "bdl-dual": (4, 1024, 49)}
+         "bdl-panel-large-n": (4, 256, 3136), "bdl-panel-narrow": (4, 150, 300), "rows-dual": (200, 768, 1),
+         "bdl-dual": (4, 1024, 49)}
 
 
 def assert_same_at_any_thread_count(run):
@@ -225,12 +226,29 @@ for kind, tensors, args in cases:
     if kind == "layer":
         x3, gy3 = tensors
         out.append((*torch.ops.vcreg.stats_kernel(x3), *torch.ops.vcreg.backward_kernel(gy3, x3, *args)))
+    elif kind == "apply":
+        out.append((torch.ops.vcreg.apply_kernel(*tensors),))
     else:
         za3, zb3, ops = tensors
         out.append((*torch.ops.vcreg.pair_stats_kernel(za3, zb3),
                     *torch.ops.vcreg.pair_apply_kernel(ops[0], za3, zb3, *ops[1:])))
 torch.save(out, sys.argv[2])
 """
+
+
+def _run_vector_and_portable(cases, tmp_path):
+    """The outputs of ``cases`` (see _VECTOR_LOOPS_CHILD) in two child processes: as is, and with
+    ATEN_CPU_CAPABILITY=default, which turns the kernels' AVX-512 code off as it does ATen's."""
+    torch.save(cases, tmp_path / "cases.pt")
+    outputs = []
+    for name, capability in (("vector", None), ("portable", "default")):
+        env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+        if capability is not None:
+            env["ATEN_CPU_CAPABILITY"] = capability
+        subprocess.run([sys.executable, "-c", _VECTOR_LOOPS_CHILD, str(tmp_path / "cases.pt"), str(tmp_path / name)],
+                       env=env, check=True)
+        outputs.append(torch.load(tmp_path / name))
+    return outputs
 
 
 def test_bfloat16_vector_loops_match_the_portable_ones(tmp_path):
@@ -247,19 +265,41 @@ def test_bfloat16_vector_loops_match_the_portable_ones(tmp_path):
     for size in PAIR_PLANS.values():
         za3, zb3 = make_pair3(*size, torch.bfloat16, mean=50.0)
         cases.append(("pair", (za3, zb3, pair_operands(za3, zb3, mu_dtype=torch.float32)), ()))
-    torch.save(cases, tmp_path / "cases.pt")
-    outputs = []
-    for name, capability in (("vector", None), ("portable", "default")):
-        env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
-        if capability is not None:
-            env["ATEN_CPU_CAPABILITY"] = capability
-        subprocess.run([sys.executable, "-c", _VECTOR_LOOPS_CHILD, str(tmp_path / "cases.pt"), str(tmp_path / name)],
-                       env=env, check=True)
-        outputs.append(torch.load(tmp_path / name))
-    for case, vector, portable in zip(cases, *outputs):
+    for case, vector, portable in zip(cases, *_run_vector_and_portable(cases, tmp_path)):
         for a, b in zip(vector, portable):
             assert a.dtype == b.dtype and torch.equal(a.view(torch.int16) if a.dtype == torch.bfloat16 else a,
                                                       b.view(torch.int16) if b.dtype == torch.bfloat16 else b), case[0]
+
+
+def test_float32_fused_apply_matches_the_blas_one(tmp_path):
+    """In the "bdl" layout with d <= 192, float32 gradients are written by one AVX-512 pass (products,
+    shift and grad_y together) where the CPU has AVX-512 and ATen uses it; under
+    ATEN_CPU_CAPABILITY=default, by the gather, the BLAS product and the add. The statistics are
+    bitwise the same; the gradients differ by the products' rounding at most (1e-5 of the
+    regulariser's gradient), in the grouped plan (x shifted as it is read), the panel plan (the
+    centred panel), the apply kernel alone, with odd d and short slabs. (On a CPU without AVX-512
+    both runs take the BLAS.)"""
+    torch.manual_seed(0)
+    cases = []
+    for size in ((8, 96, 1300), (3, 100, 2800), (5, 96, 613), (16, 130, 49), (4, 150, 300), (2, 7, 40), (4, 192, 17)):
+        x3 = make_x3(*size, torch.float32, mean=50.0)
+        for delta in (None, 0.05):
+            cases.append(("layer", (x3, torch.randn(x3.shape)), (0.5, 0.2, 1e-4, 2.0, delta)))
+        d = size[1]
+        G = torch.randn(d, d) / d
+        cases.append(("apply", (torch.randn(x3.shape), x3, G, x3.double().mean((0, 2)) + 0.3), ()))
+    for case, vector, portable in zip(cases, *_run_vector_and_portable(cases, tmp_path)):
+        if case[0] == "layer":
+            x3, gy3 = case[1]
+            for a, b in zip(vector[:2] + vector[3:], portable[:2] + portable[3:]):  # mu, M2, terms
+                assert torch.equal(a, b), (x3.shape, case[2])
+            got, want = vector[2], portable[2]
+        else:
+            gy3 = case[1][0]
+            got, want = vector[0], portable[0]
+        reg = (want.double() - gy3.double()).norm()
+        assert got.dtype == want.dtype == torch.float32 and got.shape == gy3.shape
+        assert (got.double() - want.double()).norm() <= 1e-5 * reg, (case[0], tuple(gy3.shape))
 
 
 @pytest.mark.parametrize("size", [(300, 7, 1), (3, 7, 37), (20000, 100, 1)], ids=split_id)
