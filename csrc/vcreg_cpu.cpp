@@ -49,7 +49,8 @@
 // grad_x written tile by tile, each value one FMA chain over the features in order) where there
 // were a gather, a BLAS product and an add; and the Gram products of the panel and grouped plans
 // (and the dual plan's in "rows", the pair statistics') as dot products over the samples
-// (gram_dots), in passes over at most kDotsPanelBytes of the panel.
+// (gram_dots), in passes over at most kDotsPanelBytes of the panel. The d x d passes' loops (G's
+// elements, the mirrored halves) take AVX-512 forms there too, bitwise equal to the portable ones.
 //
 // Plans, chosen by n, d and whether delta is set (never by the thread count):
 //   dual (backward_kernel; delta None, n <= d, X within kPanelMaxBytes). Without a clip G is M2
@@ -559,8 +560,9 @@ bool avx512_bf16_loops() {
 #endif
 }
 
-// Whether the float32 kernels take their AVX-512 forms (fused_apply, gram_dots_runs): where the CPU
-// has AVX-512F and ATen's own kernels use AVX-512 (ATEN_CPU_CAPABILITY, as for avx512_bf16_loops).
+// Whether the float32 and float64 code takes its AVX-512 forms (fused_apply, gram_by_dots, and the d x d
+// passes' gradient_row_avx512 and column_avx512): where the CPU has AVX-512F and ATen's own kernels
+// use AVX-512 (ATEN_CPU_CAPABILITY, as for avx512_bf16_loops).
 bool avx512_float32() {
 #if VCREG_AVX512
   static const bool on = __builtin_cpu_supports("avx512f") && at::get_cpu_capability() == "AVX512";
@@ -1163,6 +1165,25 @@ void for_upper_tiles(int64_t dim, const F& f) {
   }
 }
 
+#if VCREG_AVX512
+// dst[r] = col[r * stride] for r < len, 16 (float) or 8 (double) at a time by gathers (stride
+// within int32); returns how many it wrote. write_mirrored's transposed half, a column of a tile.
+VCREG_AVX512_TARGET inline int64_t column_avx512(const float* col, int64_t stride, float* dst, int64_t len) {
+  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         _mm512_set1_epi32(static_cast<int>(stride)));
+  int64_t r = 0;
+  for (; r + 16 <= len; r += 16) _mm512_storeu_ps(dst + r, _mm512_i32gather_ps(idx, col + r * stride, 4));
+  return r;
+}
+VCREG_AVX512_TARGET inline int64_t column_avx512(const double* col, int64_t stride, double* dst, int64_t len) {
+  const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                         _mm256_set1_epi32(static_cast<int>(stride)));
+  int64_t r = 0;
+  for (; r + 8 <= len; r += 8) _mm512_storeu_pd(dst + r, _mm512_i32gather_pd(idx, col + r * stride, 8));
+  return r;
+}
+#endif
+
 // Writes the strictly upper part of a tile both ways: buf (rows i0..i1, columns j0..j1, leading
 // dimension j1 - j0) holds element (i, j) for j > i; M[i, j] and M[j, i] get it (M[j, i] only,
 // without upper: M's upper part holds buf already). Row runs both ways: a column-wise mirror would
@@ -1180,7 +1201,11 @@ void write_mirrored(const T* buf, int64_t i0, int64_t i1, int64_t j0, int64_t j1
   for (int64_t j = j0; j < j1; ++j) {
     if (j + kAhead < j1) prefetch_row(M + (j + kAhead) * ldm + i0, i1 - i0, /*write=*/true);
     const int64_t ie = std::min(i1, j);
-    for (int64_t i = i0; i < ie; ++i) M[j * ldm + i] = buf[(i - i0) * wj + (j - j0)];
+    int64_t i = i0;
+#if VCREG_AVX512
+    if (avx512_float32() && ie > i0) i += column_avx512(buf + (j - j0), wj, M + j * ldm + i0, ie - i0);
+#endif
+    for (; i < ie; ++i) M[j * ldm + i] = buf[(i - i0) * wj + (j - j0)];
   }
 }
 
@@ -1349,6 +1374,48 @@ double fill_diagonal(int64_t d, int64_t n, double alpha, double eps, double gamm
   return l_var / dd;
 }
 
+#if VCREG_AVX512
+// gradient_row's blocks of kLanes (8) elements, one element per lane of 8 doubles, each formed by the
+// portable loop's operations in its order (no contraction into FMAs): bitwise the same values and
+// lane sums. Returns how many elements it took.
+VCREG_AVX512_TARGET inline __m512d load_doubles(const float* p) { return _mm512_cvtps_pd(_mm256_loadu_ps(p)); }
+VCREG_AVX512_TARGET inline __m512d load_doubles(const double* p) { return _mm512_loadu_pd(p); }
+VCREG_AVX512_TARGET inline void store_doubles(float* p, __m512d v) { _mm256_storeu_ps(p, _mm512_cvtpd_ps(v)); }
+VCREG_AVX512_TARGET inline void store_doubles(double* p, __m512d v) { _mm512_storeu_pd(p, v); }
+
+template <bool kClip, bool kCentred, typename q_t, typename acc_t>
+VCREG_AVX512_TARGET int64_t gradient_row_avx512(const q_t* __restrict q, const double* __restrict Sn, double si,
+                                                double inv_nm1, double scale, double dl, acc_t* __restrict g,
+                                                int64_t len, double* __restrict cov) {
+  static_assert(kLanes == 8);
+  const __m512d vsi = _mm512_set1_pd(si), vinv = _mm512_set1_pd(inv_nm1), vscale = _mm512_set1_pd(scale);
+  const __m512d vdl = _mm512_set1_pd(dl), vndl = _mm512_set1_pd(-dl), v2dl = _mm512_set1_pd(2.0 * dl),
+                vdl2 = _mm512_set1_pd(dl * dl);
+  __m512d vcov = _mm512_loadu_pd(cov);
+  int64_t j = 0;
+  for (; j + kLanes <= len; j += kLanes) {
+    __m512d m2 = load_doubles(q + j);
+    if constexpr (!kCentred) m2 = _mm512_sub_pd(m2, _mm512_mul_pd(vsi, _mm512_loadu_pd(Sn + j)));
+    const __m512d c = _mm512_mul_pd(m2, vinv);
+    const __m512d cc = _mm512_mul_pd(c, c);
+    if constexpr (kClip) {
+      const __m512d a = _mm512_abs_pd(c);
+      const __m512d linear = _mm512_sub_pd(_mm512_mul_pd(v2dl, a), vdl2);
+      // a <= dl, ordered: a NaN takes the linear branch, NaN as the portable loop's.
+      const __mmask8 quad = _mm512_cmp_pd_mask(a, vdl, _CMP_LE_OQ);
+      vcov = _mm512_add_pd(vcov, _mm512_mask_blend_pd(quad, linear, cc));
+      // max(-dl, c), min(dl, .): a NaN c is the second operand, and stays, as with std::max/min.
+      store_doubles(g + j, _mm512_mul_pd(_mm512_min_pd(vdl, _mm512_max_pd(vndl, c)), vscale));
+    } else {
+      vcov = _mm512_add_pd(vcov, cc);
+      store_doubles(g + j, _mm512_mul_pd(c, vscale));
+    }
+  }
+  _mm512_storeu_pd(cov, vcov);
+  return j;
+}
+#endif
+
 // One row's run of len off-diagonal elements of G (fill_gradient_matrix): from M2 = q (kCentred)
 // or q - si Sn, C = M2 / (n-1), G = scale C (clipped to [-dl, dl] first with kClip), and phi(C)
 // summed into cov, lane u taking the elements at u mod kLanes.
@@ -1369,6 +1436,9 @@ inline void gradient_row(const q_t* __restrict q, const double* __restrict Sn, d
     }
   };
   int64_t j = 0;
+#if VCREG_AVX512
+  if (avx512_float32()) j = gradient_row_avx512<kClip, kCentred>(q, Sn, si, inv_nm1, scale, dl, g, len, cov);
+#endif
   for (; j + kLanes <= len; j += kLanes) {
     for (int u = 0; u < kLanes; ++u) element(j + u, u);
   }
