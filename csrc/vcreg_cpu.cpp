@@ -140,8 +140,7 @@
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #include <cpuid.h>
 #endif
-// The AVX-512 code (the bfloat16 loops of avx512_bf16_loops, the float32 apply of fused_apply) needs a
-// compiler that knows AVX512-BF16.
+// The AVX-512 code (avx512_bf16_loops, avx512_float32 below) needs a compiler that knows AVX512-BF16.
 #if defined(__x86_64__) && ((defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 10))
 #define VCREG_AVX512 1
 #include <immintrin.h>
@@ -579,9 +578,7 @@ bool avx512_float32() {
 VCREG_AVX512_TARGET inline __mmask16 lanes_below(int64_t w) {
   return w >= 16 ? static_cast<__mmask16>(0xFFFF) : w <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << w) - 1);
 }
-#endif
 
-#if VCREG_AVX512
 // The elementwise loops below on bfloat16 values, 16 at a time, where avx512_bf16_loops holds. The
 // portable loops convert float32 to bfloat16 a value at a time (c10's rounding, in SSE2 here: the
 // package is built for any x86-64): the bfloat16 gathers ran at 3 to 5 GB/s against 20 for a copy
@@ -940,21 +937,13 @@ std::vector<int64_t> block_edges(int64_t dim, int64_t nb) {
   return edges;
 }
 
-// Rows i0 <= i < i1 of the upper triangle of Z^T Z (dim x dim), Z stored dim-major as P (row i of P,
-// k values, is Z's column i): out[i * ldo + j] = sum_s P[i, s] P[j, s] for i <= j < dim, float32,
-// where gram_by_dots holds. Blocks of 4 rows by 6 against 16 samples at a time (24 accumulators,
-// 10 loads for 24 FMAs), each entry's 16 lanes summed in one fixed order at the end of a pass;
-// passes over kDotsPanelBytes of P at most (the rows' runs stay in L2 while every block reads
-// them), their sums added in order. Against MKL's products of the same panels (2-core Xeon,
-// stats_kernel): (4, 96, 3136), grouped, 0.75-0.84 ms against 1.0-1.04; (4, 192, 784), panel,
-// 0.76-0.82 against 0.87-0.88; (8, 96, 384) 0.26-0.29 against 0.42-0.45. At d = 384 they were even,
-// at 512 MKL's was faster.
 #if VCREG_AVX512
-// The sum of v's 16 lanes, in one fixed order (_mm512_reduce_add_ps leaves GCC 12 warning of its
-// undefined pass-through operands).
+// The sum of v's 16 lanes, in one fixed order. Here and below the zero-masked forms of the
+// intrinsics (all lanes on): GCC 12 warns of the unmasked ones' undefined pass-through operand.
 VCREG_AVX512_TARGET inline float lanes_sum(__m512 v) {
-  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v),
-                                 _mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(0xF, _mm512_castps_pd(v), 1)));
+  const __m512d w = _mm512_castps_pd(v);
+  const __m256 h = _mm256_add_ps(_mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(0xF, w, 0)),
+                                 _mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(0xF, w, 1)));
   __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
   q = _mm_add_ps(q, _mm_movehl_ps(q, q));
   q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 1));
@@ -1009,6 +998,15 @@ VCREG_AVX512_TARGET void gram_dots_pass(const float* P, int64_t ld, int64_t k0, 
   }
 }
 
+// Rows i0 <= i < i1 of the upper triangle of Z^T Z (dim x dim), Z stored dim-major as P (row i of P,
+// k values, is Z's column i): out[i * ldo + j] = sum_s P[i, s] P[j, s] for i <= j < dim, float32,
+// where gram_by_dots holds. Blocks of 4 rows by 6 against 16 samples at a time (24 accumulators,
+// 10 loads for 24 FMAs), each entry's 16 lanes summed in one fixed order at the end of a pass;
+// passes over kDotsPanelBytes of P at most (the rows' runs stay in L2 while every block reads
+// them), their sums added in order. Against MKL's products of the same panels (2-core Xeon,
+// stats_kernel): (4, 96, 3136), grouped, 0.75-0.84 ms against 1.0-1.04; (4, 192, 784), panel,
+// 0.76-0.82 against 0.87-0.88; (8, 96, 384) 0.26-0.29 against 0.42-0.45. At d = 384 they were even,
+// at 512 MKL's was faster.
 VCREG_AVX512_TARGET void gram_dots(const float* P, int64_t ld, int64_t k, int64_t dim, int64_t i0, int64_t i1,
                                    float* out, int64_t ldo) {
   const int64_t kc = std::max<int64_t>(16, kDotsPanelBytes / (dim * 4) / 16 * 16);
@@ -1172,14 +1170,18 @@ VCREG_AVX512_TARGET inline int64_t column_avx512(const float* col, int64_t strid
   const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                          _mm512_set1_epi32(static_cast<int>(stride)));
   int64_t r = 0;
-  for (; r + 16 <= len; r += 16) _mm512_storeu_ps(dst + r, _mm512_i32gather_ps(idx, col + r * stride, 4));
+  for (; r + 16 <= len; r += 16) {
+    _mm512_storeu_ps(dst + r, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), 0xFFFF, idx, col + r * stride, 4));
+  }
   return r;
 }
 VCREG_AVX512_TARGET inline int64_t column_avx512(const double* col, int64_t stride, double* dst, int64_t len) {
   const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
                                          _mm256_set1_epi32(static_cast<int>(stride)));
   int64_t r = 0;
-  for (; r + 8 <= len; r += 8) _mm512_storeu_pd(dst + r, _mm512_i32gather_pd(idx, col + r * stride, 8));
+  for (; r + 8 <= len; r += 8) {
+    _mm512_storeu_pd(dst + r, _mm512_mask_i32gather_pd(_mm512_setzero_pd(), 0xFF, idx, col + r * stride, 8));
+  }
   return r;
 }
 #endif
@@ -1378,9 +1380,9 @@ double fill_diagonal(int64_t d, int64_t n, double alpha, double eps, double gamm
 // gradient_row's blocks of kLanes (8) elements, one element per lane of 8 doubles, each formed by the
 // portable loop's operations in its order (no contraction into FMAs): bitwise the same values and
 // lane sums. Returns how many elements it took.
-VCREG_AVX512_TARGET inline __m512d load_doubles(const float* p) { return _mm512_cvtps_pd(_mm256_loadu_ps(p)); }
+VCREG_AVX512_TARGET inline __m512d load_doubles(const float* p) { return _mm512_maskz_cvtps_pd(0xFF, _mm256_loadu_ps(p)); }
 VCREG_AVX512_TARGET inline __m512d load_doubles(const double* p) { return _mm512_loadu_pd(p); }
-VCREG_AVX512_TARGET inline void store_doubles(float* p, __m512d v) { _mm256_storeu_ps(p, _mm512_cvtpd_ps(v)); }
+VCREG_AVX512_TARGET inline void store_doubles(float* p, __m512d v) { _mm256_storeu_ps(p, _mm512_maskz_cvtpd_ps(0xFF, v)); }
 VCREG_AVX512_TARGET inline void store_doubles(double* p, __m512d v) { _mm512_storeu_pd(p, v); }
 
 template <bool kClip, bool kCentred, typename q_t, typename acc_t>
@@ -1405,7 +1407,7 @@ VCREG_AVX512_TARGET int64_t gradient_row_avx512(const q_t* __restrict q, const d
       const __mmask8 quad = _mm512_cmp_pd_mask(a, vdl, _CMP_LE_OQ);
       vcov = _mm512_add_pd(vcov, _mm512_mask_blend_pd(quad, linear, cc));
       // max(-dl, c), min(dl, .): a NaN c is the second operand, and stays, as with std::max/min.
-      store_doubles(g + j, _mm512_mul_pd(_mm512_min_pd(vdl, _mm512_max_pd(vndl, c)), vscale));
+      store_doubles(g + j, _mm512_mul_pd(_mm512_maskz_min_pd(0xFF, vdl, _mm512_maskz_max_pd(0xFF, vndl, c)), vscale));
     } else {
       vcov = _mm512_add_pd(vcov, cc);
       store_doubles(g + j, _mm512_mul_pd(c, vscale));
@@ -1533,7 +1535,7 @@ constexpr int kFusedWidth = 8;         // features per block of G, packed: Gp[(j
 constexpr int64_t kTileSamples = 48;   // samples per tile: 3 vectors, 24 accumulators with 8 features
 
 // One tile: kBlocks blocks of G's packed columns (gp: the first) against the w <= 16 kVec samples of
-// the packed tile pk (kTileSamples values a feature row, 64-byte aligned); writes features
+// the packed tile pk (kTileSamples values a feature row); writes features
 // j0 .. j0 + nj - 1 (gy, out: their rows, ldo apart, at the tile's first sample; c: at j0).
 template <int kVec, int kBlocks>
 VCREG_AVX512_TARGET inline void fused_tile(const float* __restrict pk, const float* __restrict gp, int64_t d,
@@ -1552,7 +1554,7 @@ VCREG_AVX512_TARGET inline void fused_tile(const float* __restrict pk, const flo
   for (int64_t k = 0; k < d; ++k) {
     __m512 v[kVec];
 #pragma GCC unroll 8
-    for (int i = 0; i < kVec; ++i) v[i] = _mm512_load_ps(pk + k * kTileSamples + 16 * i);
+    for (int i = 0; i < kVec; ++i) v[i] = _mm512_loadu_ps(pk + k * kTileSamples + 16 * i);
 #pragma GCC unroll 16
     for (int u = 0; u < kRows; ++u) {
       const __m512 g = _mm512_set1_ps(gp[((u / kFusedWidth) * d + k) * kFusedWidth + u % kFusedWidth]);
@@ -1583,7 +1585,7 @@ template <bool kShift>
 VCREG_AVX512_TARGET void fused_run(const float* src, int64_t lds, const float* K, const float* Gp, const float* c,
                                    int64_t d, const float* gy, float* out, int64_t ldo, int64_t len) {
   const int64_t nb = ceil_div(d, kFusedWidth);
-  float* pk = scratch<float>(Scratch::kFusedTile, d * kTileSamples);  // at::empty: 64-byte aligned
+  float* pk = scratch<float>(Scratch::kFusedTile, d * kTileSamples);
   for (int64_t l = 0; l < len; l += kTileSamples) {
     const int64_t w = std::min(kTileSamples, len - l), next = l + kTileSamples;
     for (int64_t k = 0; k < d; ++k) {
@@ -1591,7 +1593,7 @@ VCREG_AVX512_TARGET void fused_run(const float* src, int64_t lds, const float* K
       for (int i = 0; i < 3; ++i) {
         __m512 v = _mm512_maskz_loadu_ps(lanes_below(w - 16 * i), src + k * lds + l + 16 * i);
         if constexpr (kShift) v = _mm512_sub_ps(v, kk);
-        _mm512_store_ps(pk + k * kTileSamples + 16 * i, v);
+        _mm512_storeu_ps(pk + k * kTileSamples + 16 * i, v);
       }
     }
     for (int64_t jb = 0; jb < nb; ++jb) {
