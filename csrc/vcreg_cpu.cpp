@@ -576,7 +576,8 @@ bool avx512_float32() {
 
 // The first w (0 to 16) lanes.
 VCREG_AVX512_TARGET inline __mmask16 lanes_below(int64_t w) {
-  return w >= 16 ? static_cast<__mmask16>(0xFFFF) : w <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << w) - 1);
+  if (w >= 16) return static_cast<__mmask16>(0xFFFF);
+  return w <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << w) - 1);
 }
 
 // The elementwise loops below on bfloat16 values, 16 at a time, where avx512_bf16_loops holds. The
@@ -990,7 +991,8 @@ VCREG_AVX512_TARGET void gram_dots_pass(const float* P, int64_t ld, int64_t k0, 
           const int64_t row = i + r, col = j + c;  // rows and columns past the block's are clamped copies
           if (row < i1 && col < dim && col >= row) {
             const float v = lanes_sum(acc[r][c]);
-            out[row * ldo + col] = k0 == 0 ? v : out[row * ldo + col] + v;
+            float& o = out[(row - i0) * ldo + (col - i0)];
+            o = k0 == 0 ? v : o + v;
           }
         }
       }
@@ -999,9 +1001,11 @@ VCREG_AVX512_TARGET void gram_dots_pass(const float* P, int64_t ld, int64_t k0, 
 }
 
 // Rows i0 <= i < i1 of the upper triangle of Z^T Z (dim x dim), Z stored dim-major as P (row i of P,
-// k values, is Z's column i): out[i * ldo + j] = sum_s P[i, s] P[j, s] for i <= j < dim, float32,
-// where gram_by_dots holds. Blocks of 4 rows by 6 against 16 samples at a time (24 accumulators,
-// 10 loads for 24 FMAs), each entry's 16 lanes summed in one fixed order at the end of a pass;
+// k values, is Z's column i): sum_s P[i, s] P[j, s] for i <= j < dim into out[(i - i0) * ldo + j - i0]
+// (out at element (i0, i0), as for the BLAS call it stands in for), float32, where gram_by_dots holds;
+// the entries left of the diagonal are not written. Blocks of 4 rows by 6 against 16 samples at a
+// time (24 accumulators, 10 loads for 24 FMAs), each entry's 16 lanes summed in one fixed order at
+// the end of a pass;
 // passes over kDotsPanelBytes of P at most (the rows' runs stay in L2 while every block reads
 // them), their sums added in order. Against MKL's products of the same panels (2-core Xeon,
 // stats_kernel): (4, 96, 3136), grouped, 0.75-0.84 ms against 1.0-1.04; (4, 192, 784), panel,
@@ -1014,11 +1018,8 @@ VCREG_AVX512_TARGET void gram_dots(const float* P, int64_t ld, int64_t k, int64_
 }
 #endif
 
-// Whether gram_upper and the grouped plan form their float32 "dim-major" products with gram_dots.
-template <typename acc_t, typename op_t>
-bool gram_by_dots(int64_t dim) {
-  return std::is_same_v<acc_t, float> && std::is_same_v<op_t, float> && dim <= kFusedMaxFeatures && avx512_float32();
-}
+// Whether gram_upper and gram_tile form their float32 "dim-major" products with gram_dots.
+bool gram_by_dots(int64_t dim) { return dim <= kFusedMaxFeatures && avx512_float32(); }
 
 // One Gram product of gram_upper: Z stored as P, its upper triangle into out.
 template <typename acc_t, typename op_t = acc_t>
@@ -1045,8 +1046,8 @@ void gram_upper(const GramOperand<acc_t, op_t>* ops, int64_t nops, int64_t ld, b
       const int64_t i0 = edges[pair[u]], w = edges[pair[u] + 1] - i0, cols = dim - i0;
 #if VCREG_AVX512
       if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<op_t, float>) {
-        if (dim_major && gram_by_dots<acc_t, op_t>(dim)) {
-          gram_dots(P, ld, k, dim, i0, i0 + w, out, ldo);
+        if (dim_major && gram_by_dots(dim)) {
+          gram_dots(P, ld, k, dim, i0, i0 + w, out + i0 * ldo + i0, ldo);
           continue;
         }
       }
@@ -1118,21 +1119,35 @@ TilePlan plan_tiles(GramKind kind, int64_t n, int64_t d, int64_t elem_bytes) {
 // acc[I, J] += P_I^T P_J over the k samples of P from sample k0 on, for the tile (i0 + wi, j0 + wj)
 // (acc[I, J] = ... for the first product of a group: no accumulator needs zeroing beforehand).
 // P holds samples as rows ("rows": k x d) or as columns ("bdl": d x k), with leading dimension ld.
-// The product lands in prod (wi x wj, acc_t), then goes into acc (d x d, float64).
+// The product lands in prod (wi x wj, acc_t; by gram_dots, where it serves, right of the diagonal
+// only), then its part right of the diagonal goes into acc (d x d, float64).
 template <typename acc_t, typename op_t>
 void gram_tile(bool rows, const op_t* P, int64_t ld, int64_t k0, int64_t k, int64_t i0, int64_t wi, int64_t j0,
                int64_t wj, int64_t d, acc_t* prod, double* acc, bool first) {
-  if (rows) {
-    gemm(true, P + k0 * ld + i0, ld, false, P + k0 * ld + j0, ld, prod, wj, wi, wj, k);
-  } else {
-    gemm(false, P + i0 * ld + k0, ld, true, P + j0 * ld + k0, ld, prod, wj, wi, wj, k);
-  }
+  const auto product = [&] {
+#if VCREG_AVX512
+    if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<op_t, float>) {
+      // A whole row block of the triangle (the grouped plan's).
+      if (!rows && j0 == i0 && j0 + wj == d && gram_by_dots(d)) {
+        return gram_dots(P + k0, ld, k, d, i0, i0 + wi, prod, wj);
+      }
+    }
+#endif
+    if (rows) {
+      gemm(true, P + k0 * ld + i0, ld, false, P + k0 * ld + j0, ld, prod, wj, wi, wj, k);
+    } else {
+      gemm(false, P + i0 * ld + k0, ld, true, P + j0 * ld + k0, ld, prod, wj, wi, wj, k);
+    }
+  };
+  product();
+  // Only the upper triangle of acc is read: a tile on the diagonal adds its part right of it.
   double* dst = acc + i0 * d + j0;
   for (int64_t i = 0; i < wi; ++i) {
+    const int64_t jb = std::max<int64_t>(0, i0 + i - j0);
     if (first) {
-      for (int64_t j = 0; j < wj; ++j) dst[i * d + j] = prod[i * wj + j];
+      for (int64_t j = jb; j < wj; ++j) dst[i * d + j] = prod[i * wj + j];
     } else {
-      for (int64_t j = 0; j < wj; ++j) dst[i * d + j] += prod[i * wj + j];
+      for (int64_t j = jb; j < wj; ++j) dst[i * d + j] += prod[i * wj + j];
     }
   }
 }
@@ -1251,7 +1266,7 @@ Moments<at::opmath_type<scalar_t>, op_t> gram_moments(const at::Tensor& x3,
   const TilePlan plan = plan_tiles(kind, n, d, sizeof(acc_t));
   const int64_t ntiles = static_cast<int64_t>(plan.tiles.size());
   const int64_t groups = plan.groups;
-  const int64_t w2 = kind == GramKind::kGrouped ? std::max(plan.max_width, d) * d : plan.max_width * plan.max_width;
+  const int64_t w2 = plan.max_width * (kind == GramKind::kGrouped ? d : plan.max_width);
   const int64_t nthreads = at::get_num_threads();
   // Q per sample group; only its upper tiles are written and read.
   double* acc = scratch<double>(Scratch::kGramAcc, groups * d * d);
@@ -1270,18 +1285,6 @@ Moments<at::opmath_type<scalar_t>, op_t> gram_moments(const at::Tensor& x3,
       for (int64_t s0 = begin; s0 < end; s0 += plan.panel) {
         const int64_t cnt = std::min(plan.panel, end - s0), ld = sh.rows() ? d : cnt;
         gather_shifted<true>(x, sh, s0, cnt, 0, d, K, P, ld, part_sums.data() + g * d);
-#if VCREG_AVX512
-        if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<op_t, float>) {
-          if (!sh.rows() && gram_by_dots<acc_t, op_t>(d)) {
-            gram_dots(P, ld, cnt, d, 0, d, prod, d);
-            double* a = acc + g * d * d;
-            for (int64_t i = 0; i < d; ++i) {
-              for (int64_t j = i; j < d; ++j) a[i * d + j] = s0 == begin ? prod[i * d + j] : a[i * d + j] + prod[i * d + j];
-            }
-            continue;
-          }
-        }
-#endif
         for (size_t I = 0; I + 1 < plan.edges.size(); ++I) {  // row blocks of the upper triangle
           const int64_t i0 = plan.edges[I];
           gram_tile(sh.rows(), P, ld, 0, cnt, i0, plan.edges[I + 1] - i0, i0, d - i0, d, prod, acc + g * d * d,
@@ -1380,9 +1383,13 @@ double fill_diagonal(int64_t d, int64_t n, double alpha, double eps, double gamm
 // gradient_row's blocks of kLanes (8) elements, one element per lane of 8 doubles, each formed by the
 // portable loop's operations in its order (no contraction into FMAs): bitwise the same values and
 // lane sums. Returns how many elements it took.
-VCREG_AVX512_TARGET inline __m512d load_doubles(const float* p) { return _mm512_maskz_cvtps_pd(0xFF, _mm256_loadu_ps(p)); }
+VCREG_AVX512_TARGET inline __m512d load_doubles(const float* p) {
+  return _mm512_maskz_cvtps_pd(0xFF, _mm256_loadu_ps(p));
+}
 VCREG_AVX512_TARGET inline __m512d load_doubles(const double* p) { return _mm512_loadu_pd(p); }
-VCREG_AVX512_TARGET inline void store_doubles(float* p, __m512d v) { _mm256_storeu_ps(p, _mm512_maskz_cvtpd_ps(0xFF, v)); }
+VCREG_AVX512_TARGET inline void store_doubles(float* p, __m512d v) {
+  _mm256_storeu_ps(p, _mm512_maskz_cvtpd_ps(0xFF, v));
+}
 VCREG_AVX512_TARGET inline void store_doubles(double* p, __m512d v) { _mm512_storeu_pd(p, v); }
 
 template <bool kClip, bool kCentred, typename q_t, typename acc_t>
@@ -1590,7 +1597,7 @@ VCREG_AVX512_TARGET void fused_run(const float* src, int64_t lds, const float* K
     const int64_t w = std::min(kTileSamples, len - l), next = l + kTileSamples;
     for (int64_t k = 0; k < d; ++k) {
       const __m512 kk = _mm512_set1_ps(kShift ? K[k] : 0.0f);
-      for (int i = 0; i < 3; ++i) {
+      for (int i = 0; i < kTileSamples / 16; ++i) {
         __m512 v = _mm512_maskz_loadu_ps(lanes_below(w - 16 * i), src + k * lds + l + 16 * i);
         if constexpr (kShift) v = _mm512_sub_ps(v, kk);
         _mm512_storeu_ps(pk + k * kTileSamples + 16 * i, v);
@@ -1746,7 +1753,8 @@ template <bool kDual, typename acc_t, typename op_t, typename grad_t>
 void apply_panel(const Shape& sh, const Panel<acc_t, op_t>& panel, const op_t* M, const acc_t* c, const grad_t* gy,
                  grad_t* o) {
   static_assert(!kDual || std::is_same_v<op_t, acc_t>);
-  if constexpr (!kDual && std::is_same_v<acc_t, float> && std::is_same_v<op_t, float> && std::is_same_v<grad_t, float>) {
+  if constexpr (!kDual && std::is_same_v<acc_t, float> && std::is_same_v<op_t, float> &&
+                std::is_same_v<grad_t, float>) {
     if (fused_apply(sh)) return apply_fused<false>(sh, panel.P, nullptr, M, c, gy, o);
   }
   const int64_t d = sh.d, n = sh.n, ldp = panel.ld;
