@@ -4,6 +4,10 @@
   backward adds d(loss)/dx through ``vcreg::fused_backward_terms``. It is a
   CompositeImplicitAutograd op that calls ``_VCRegFunction`` (as ``VCReg`` does, through
   ``vcreg_function``), so eager, torch.compile and autograd all see one definition.
+* ``vcreg::eager_node(x, terms_out, enabled, ...) -> x``: the same layer as a C++ autograd node
+  (csrc/vcreg_autograd.cpp), which ``vcreg_function`` records instead of ``_VCRegFunction`` for CPU
+  tensors in plain eager mode on the cpu backend; its backward runs ``backward_kernel`` with no
+  Python in between, and hands over to ``fused_backward_terms`` wherever anything watches.
 * ``vcreg::fused_backward(grad_y, x, ...) -> grad_x``: a custom op with a fake implementation;
   its real implementation asks ``dispatch`` which backend runs.
 * ``scale="paper"`` (on ``fused`` and ``fused_backward_terms``): the covariance coefficient is
@@ -45,6 +49,12 @@ _lib.define(
 # between them: (mu, M2 = Xc^T Xc) of x3, and grad_y3 + (X - mu) @ G.
 _lib.define("stats_kernel(Tensor x) -> (Tensor, Tensor)")
 _lib.define("apply_kernel(Tensor grad_y, Tensor x, Tensor G, Tensor mu) -> Tensor")
+# vcreg_function on CPU tensors in plain eager mode on the cpu backend: what _VCRegFunction does, as a
+# C++ autograd node (csrc/vcreg_autograd.cpp) whose backward calls backward_kernel with no Python in
+# between. ``enabled``: dispatch's flag of whether set_backend still lets the cpu kernel run, read in
+# the backward.
+_lib.define("eager_node(Tensor(a) x, Tensor? terms_out, Tensor enabled, float alpha, float beta, float eps, "
+            "float gamma, float? delta, int dim, bool paper) -> Tensor(a)")
 # The VICReg loss's pair kernels (vicreg.py; dispatch.Backend's pair_stats and pair_apply, with
 # their semantics in reference.vicreg_pair_stats_reference and vicreg_pair_apply_reference):
 # (mu_a, M2_a, mu_b, M2_b, sum (Z_a - Z_b)^2) of two canonical branches, and both gradients.
@@ -124,22 +134,26 @@ _HAS_INTERCEPT_CHECKS = all(hasattr(m, a) for m, a in ((torch._C, "_len_torch_di
                                                         (getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor")))
 
 
-def _plain_eager(*tensors: torch.Tensor) -> bool:
-    """Whether calling the backward op's implementation directly does exactly what calling the op
-    would: plain tensors (no fake, functional or functorch-wrapped ones), no dispatch or
-    torch-function mode, no compile tracing, and no graph of the backward being recorded. The op's
-    round trip through the dispatcher and torch.library's Python layers costs about 15 us per
-    backward with warm caches and 150 us with cold ones (a network's backward evicts them between
-    two layers), against a 2 ms kernel at (4, 96, 56, 56) on a 2-core CPU. Anything that traces,
-    intercepts or differentiates the backward still sees ``vcreg::fused_backward_terms``."""
-    # is_compiling first: Dynamo, tracing this backward, folds it to True and reads no further.
+def _unwatched(*tensors: torch.Tensor) -> bool:
+    """Whether nothing traces or intercepts ops on ``tensors``: plain tensors (no fake, functional
+    or functorch-wrapped ones), no dispatch or torch-function mode, no compile tracing."""
+    # is_compiling first: Dynamo, tracing this, folds it to True and reads no further.
     return (not torch.compiler.is_compiling()
             and _HAS_INTERCEPT_CHECKS
-            and not torch.is_grad_enabled()
             and torch._C._len_torch_dispatch_stack() == 0
             and not torch._C._is_torch_function_mode_enabled()
             and all(type(t) is torch.Tensor and not torch._C._functorch.is_functorch_wrapped_tensor(t)
                     for t in tensors))
+
+
+def _plain_eager(*tensors: torch.Tensor) -> bool:
+    """Whether calling the backward op's implementation directly does exactly what calling the op
+    would: ``_unwatched``, and no graph of the backward being recorded. The op's round trip through
+    the dispatcher and torch.library's Python layers costs about 15 us per backward with warm
+    caches and 150 us with cold ones (a network's backward evicts them between two layers), against
+    a 2 ms kernel at (4, 96, 56, 56) on a 2-core CPU. Anything that traces, intercepts or
+    differentiates the backward still sees ``vcreg::fused_backward_terms``."""
+    return _unwatched(*tensors) and not torch.is_grad_enabled()
 
 
 class _VCRegFunction(torch.autograd.Function):
@@ -179,6 +193,11 @@ def vcreg_function(x, params: Params, dim, terms_out=None, group=None, scale="ex
     """``fused``, and what ``VCReg`` calls: also logs the terms into ``terms_out``, syncs over ``group``."""
     dim = check_args(x, params, dim, min_samples=2 if group is None else 0)
     check_scale(scale)
+    # _unwatched first: under torch.compile it is False before anything untraceable runs.
+    if group is None and _unwatched(x) and x.device.type == "cpu" and dispatch.cpu_kernel_runs():
+        # The same layer as a C++ autograd node (``eager_node`` above): no Python in its backward.
+        return torch.ops.vcreg.eager_node(x, terms_out, dispatch.cpu_kernel_flag(), *params.values(), dim,
+                                          scale == "paper")
     # The scalars travel separately: autograd.Function arguments that torch.compile traces as constants.
     return _VCRegFunction.apply(x, *params.values(), dim, terms_out, group, scale)
 
