@@ -323,8 +323,8 @@ class SingleThreadBlas {
   int previous_;  // 0: the thread had no local setting (MKL then follows the global one)
 };
 
-// One parallel region for a whole kernel call: Team::run(body) runs body on the calling thread
-// (the team's lead, at::get_thread_num() 0) inside one at::parallel_for region, whose other threads
+// One parallel region for a whole kernel call: Team::run(body) runs body on one thread (the team's
+// lead, the one that runs the first chunk) inside one at::parallel_for region, whose other threads
 // wait, spinning, for the lead's parallel_tasks to post work. A kernel of several parallel phases
 // would otherwise open a region per phase, and where the OpenMP workers sleep between regions
 // (OMP_WAIT_POLICY=PASSIVE, as bench/report.py runs, or a long wait) each region pays their wake-up:
@@ -350,8 +350,8 @@ class Team {
     Team team;
     std::exception_ptr error;
     const int nthreads = at::get_num_threads();
-    at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
-      if (at::get_thread_num() != 0) return team.serve();
+    at::parallel_for(0, nthreads, 1, [&](int64_t begin, int64_t) {
+      if (begin != 0) return team.serve();  // the lead: the thread that runs the first chunk
       // The kernels size per-thread scratch by at::get_num_threads() and index it by
       // at::get_thread_num(): inside the region the count must still be the team's bound.
       if (at::get_num_threads() >= nthreads) current_ = &team;
