@@ -2110,7 +2110,12 @@ std::tuple<at::Tensor, at::Tensor> vcreg_backward_cpu(const at::Tensor& gy3, con
         return;
       }
       const Moments<acc_t, op_t> m = gram_moments<scalar_t, op_t>(io.x3);
-      acc_t* G = scratch<acc_t>(Scratch::kG, d * d);
+      // The panel plan's Q is scratch that nothing reads after G is formed: G takes its place, so
+      // that the d x d pass writes memory the Gram products have just written rather than a buffer
+      // that a network's other layers have long evicted. Each tile of the pass reads its part of Q's
+      // upper triangle before writing it; the mirrored lower part and the diagonal, which
+      // fill_diagonal writes first, are not read.
+      acc_t* G = m.Qa != nullptr ? const_cast<acc_t*>(m.Qa) : scratch<acc_t>(Scratch::kG, d * d);
       terms = m.Qa != nullptr
                   ? fill_gradient_matrix<true>(m.Qa, m.S.data(), d, n, alpha, beta, eps, gamma, delta, G)
                   : fill_gradient_matrix<false>(m.Qd, m.S.data(), d, n, alpha, beta, eps, gamma, delta, G);
