@@ -331,9 +331,9 @@ class SingleThreadBlas {
 // at (4, 384, 14, 14) the backward took 1.77 ms with spinning workers and 2.00 with sleeping ones
 // in its 4 regions, and 1.72 to 1.76 with sleeping ones in one (2-core Xeon VM; the two BLAS
 // products of the same shapes, 1.79). While the lead runs serial code the others spin for about
-// 0.1 ms, then yield between checks. A job is published as one 64-bit word (job, task count, next task)
-// that every thread claims from by compare-and-swap, so that no thread can take a task of a job
-// that has ended; the lead returns from a job when all its tasks are done.
+// 0.1 ms, then yield between checks. A job is published as one 64-bit word (job number, task
+// count, next task) that every thread claims from by compare-and-swap, so that no thread can take
+// a task of a job that has ended; the lead returns from a job when all its tasks are done.
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_ia32_pause();
@@ -390,9 +390,9 @@ class Team {
   }
 
  private:
-  static constexpr int kBits = 21;  // task count, next task: < 2^21 each; job number: the 22 bits above
+  static constexpr int kBits = 21;  // the word's three fields: job number (wrapping), task count, next task
   static constexpr uint64_t kMask = (uint64_t{1} << kBits) - 1;
-  static constexpr uint64_t kIdle = 0;           // no job (job numbers start at 1)
+  static constexpr uint64_t kIdle = 0;  // no job (or, after a wrap, job 0 with no tasks: the same)
   static constexpr uint64_t kExit = ~uint64_t{0};
   static constexpr int64_t kSpins = 2048;  // about 0.1 ms of pause instructions
 
@@ -2094,59 +2094,61 @@ std::tuple<at::Tensor, at::Tensor> vcreg_backward_cpu(const at::Tensor& gy3, con
   const int64_t d = io.x3.size(1), n = num_samples(io.x3);
   const at::ScalarType acc = accumulate_type(io.x3.scalar_type());
   at::Tensor terms_t = at::empty({2}, io.x3.options().dtype(acc));
-  Team::run([&] { AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, io.x3.scalar_type(), "vcreg_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    std::pair<double, double> terms;
-    with_operand_type<scalar_t>(n, d, [&](auto* tag) {
-      using op_t = std::remove_pointer_t<decltype(tag)>;
-      // The dual plan multiplies in the accumulate dtype only: its X_c G is kappa A X_c + X_c diag(h),
-      // two terms that cancel where kappa M2's diagonal outweighs G's, so that A's error relative to
-      // its own size, 2^-9 from bfloat16 operands, would be that many times larger in the gradient
-      // (4e-2 at n = 2, d = 4 with the features' mean 100x their spread). Against bfloat16 operands
-      // in the panel plan it pays where n <= d / 2 (SPEC section 7's shapes at batch 4 in bfloat16,
-      // 2-core Xeon with AMX: at n / d = 0.26 it took 0.6x the panel's time, at n / d = 0.77 1.9x).
-      if (use_dual(n, d, sizeof(acc_t), delta) && (std::is_same_v<op_t, acc_t> || 2 * n <= d)) {
-        terms = backward_dual<scalar_t>(io, alpha, beta, eps, gamma);
-        return;
-      }
-      const Moments<acc_t, op_t> m = gram_moments<scalar_t, op_t>(io.x3);
-      // The panel plan's Q is scratch that nothing reads after G is formed: G takes its place, so
-      // that the d x d pass writes memory the Gram products have just written rather than a buffer
-      // that a network's other layers have long evicted. Each tile of the pass reads its part of Q's
-      // upper triangle before writing it; the mirrored lower part and the diagonal, which
-      // fill_diagonal writes first, are not read.
-      acc_t* G = m.Qa != nullptr ? const_cast<acc_t*>(m.Qa) : scratch<acc_t>(Scratch::kG, d * d);
-      terms = m.Qa != nullptr
-                  ? fill_gradient_matrix<true>(m.Qa, m.S.data(), d, n, alpha, beta, eps, gamma, delta, G)
-                  : fill_gradient_matrix<false>(m.Qd, m.S.data(), d, n, alpha, beta, eps, gamma, delta, G);
-      const op_t* G_op = as_operand<op_t>(G, d * d);
-      // The panel holds X - 1 (K + m)^T already: mu differs from K + m by the rounding of m, whose
-      // image in the gradient is below float32's own rounding of it. Otherwise a fresh gather
-      // shifts by K' = mu rounded to acc_t and subtracts the image c = (mu - K')^T G of that rounding.
-      std::vector<acc_t> c(d, acc_t(0));
-      if (m.Qa != nullptr) {
-        with_grad_pointers<scalar_t>(io, [&](auto* gy, auto* o) {
-          apply_panel<false>(shape_of(io.x3), m.panel, G_op, c.data(), gy, o);
-        });
-      } else {
-        const double nd = static_cast<double>(n);
-        std::vector<acc_t> K(d);
-        std::vector<double> e(d);
-        for (int64_t j = 0; j < d; ++j) {
-          const double mu = static_cast<double>(m.K[j]) + m.S[j] / nd;
-          K[j] = static_cast<acc_t>(mu);
-          e[j] = mu - static_cast<double>(K[j]);
+  Team::run([&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, io.x3.scalar_type(), "vcreg_backward_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      std::pair<double, double> terms;
+      with_operand_type<scalar_t>(n, d, [&](auto* tag) {
+        using op_t = std::remove_pointer_t<decltype(tag)>;
+        // The dual plan multiplies in the accumulate dtype only: its X_c G is kappa A X_c + X_c diag(h),
+        // two terms that cancel where kappa M2's diagonal outweighs G's, so that A's error relative to
+        // its own size, 2^-9 from bfloat16 operands, would be that many times larger in the gradient
+        // (4e-2 at n = 2, d = 4 with the features' mean 100x their spread). Against bfloat16 operands
+        // in the panel plan it pays where n <= d / 2 (SPEC section 7's shapes at batch 4 in bfloat16,
+        // 2-core Xeon with AMX: at n / d = 0.26 it took 0.6x the panel's time, at n / d = 0.77 1.9x).
+        if (use_dual(n, d, sizeof(acc_t), delta) && (std::is_same_v<op_t, acc_t> || 2 * n <= d)) {
+          terms = backward_dual<scalar_t>(io, alpha, beta, eps, gamma);
+          return;
         }
-        c = shift_correction(e.data(), G, d);
-        with_grad_pointers<scalar_t>(io, [&](auto* gy, auto* o) {
-          apply_gathered(shape_of(io.x3), io.x3.const_data_ptr<scalar_t>(), G_op, K.data(), c.data(), gy, o);
-        });
-      }
+        const Moments<acc_t, op_t> m = gram_moments<scalar_t, op_t>(io.x3);
+        // The panel plan's Q is scratch that nothing reads after G is formed: G takes its place, so
+        // that the d x d pass writes memory the Gram products have just written rather than a buffer
+        // that a network's other layers have long evicted. Each tile of the pass reads its part of Q's
+        // upper triangle before writing it; the mirrored lower part and the diagonal, which
+        // fill_diagonal writes first, are not read.
+        acc_t* G = m.Qa != nullptr ? const_cast<acc_t*>(m.Qa) : scratch<acc_t>(Scratch::kG, d * d);
+        terms = m.Qa != nullptr
+                    ? fill_gradient_matrix<true>(m.Qa, m.S.data(), d, n, alpha, beta, eps, gamma, delta, G)
+                    : fill_gradient_matrix<false>(m.Qd, m.S.data(), d, n, alpha, beta, eps, gamma, delta, G);
+        const op_t* G_op = as_operand<op_t>(G, d * d);
+        // The panel holds X - 1 (K + m)^T already: mu differs from K + m by the rounding of m, whose
+        // image in the gradient is below float32's own rounding of it. Otherwise a fresh gather
+        // shifts by K' = mu rounded to acc_t and subtracts the image c = (mu - K')^T G of that rounding.
+        std::vector<acc_t> c(d, acc_t(0));
+        if (m.Qa != nullptr) {
+          with_grad_pointers<scalar_t>(io, [&](auto* gy, auto* o) {
+            apply_panel<false>(shape_of(io.x3), m.panel, G_op, c.data(), gy, o);
+          });
+        } else {
+          const double nd = static_cast<double>(n);
+          std::vector<acc_t> K(d);
+          std::vector<double> e(d);
+          for (int64_t j = 0; j < d; ++j) {
+            const double mu = static_cast<double>(m.K[j]) + m.S[j] / nd;
+            K[j] = static_cast<acc_t>(mu);
+            e[j] = mu - static_cast<double>(K[j]);
+          }
+          c = shift_correction(e.data(), G, d);
+          with_grad_pointers<scalar_t>(io, [&](auto* gy, auto* o) {
+            apply_gathered(shape_of(io.x3), io.x3.const_data_ptr<scalar_t>(), G_op, K.data(), c.data(), gy, o);
+          });
+        }
+      });
+      acc_t* t = terms_t.mutable_data_ptr<acc_t>();
+      t[0] = static_cast<acc_t>(terms.first);
+      t[1] = static_cast<acc_t>(terms.second);
     });
-    acc_t* t = terms_t.mutable_data_ptr<acc_t>();
-    t[0] = static_cast<acc_t>(terms.first);
-    t[1] = static_cast<acc_t>(terms.second);
-  }); });
+  });
   return {io.out.to(gy3.scalar_type()), terms_t};
 }
 

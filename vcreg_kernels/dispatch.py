@@ -59,10 +59,12 @@ _backend = os.environ.get("VCREG_BACKEND", "auto")
 if _backend not in BACKENDS:
     raise ValueError(f"VCREG_BACKEND={_backend!r} is not one of {BACKENDS}")
 _warned: set[str] = set()
-# Whether the setting lets CPU tensors take the cpu backend (_backend is "auto" or "cpu"), as a 0-dim
-# tensor: the C++ autograd node of a CPU layer (_ops.vcreg_function) reads it in its backward, so
-# that a set_backend between a layer's forward and its backward takes effect there too.
-_cpu_flag = torch.tensor(_backend in ("auto", "cpu"))
+# The settings under which CPU tensors take the cpu backend (where it is built).
+_CPU_SETTINGS = ("auto", "cpu")
+# Whether the setting is one of them, as a 0-dim tensor: the C++ autograd node of a CPU layer
+# (_ops.vcreg_function) reads it in its backward, so that a set_backend between a layer's forward
+# and its backward takes effect there too.
+_cpu_flag = torch.tensor(_backend in _CPU_SETTINGS)
 
 
 def set_backend(name: str) -> None:
@@ -71,7 +73,7 @@ def set_backend(name: str) -> None:
     if name not in BACKENDS:
         raise ValueError(f"vcreg backend must be one of {BACKENDS}, got {name!r}")
     _backend = name
-    _cpu_flag.fill_(name in ("auto", "cpu"))
+    _cpu_flag.fill_(name in _CPU_SETTINGS)
 
 
 def get_backend() -> str:
@@ -225,7 +227,7 @@ def resolve_backend(x: torch.Tensor, name: Optional[str] = None) -> str:
 def cpu_kernel_runs() -> bool:
     """Whether ``resolve_backend`` picks the compiled cpu backend for CPU tensors (it does not raise
     where a forced backend is unavailable: that is the backward's error)."""
-    return _backend in ("auto", "cpu") and _RECORDS["cpu"].unavailable("cpu") is None
+    return _backend in _CPU_SETTINGS and _RECORDS["cpu"].unavailable("cpu") is None
 
 
 def cpu_kernel_flag() -> torch.Tensor:
