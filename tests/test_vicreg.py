@@ -382,14 +382,34 @@ def test_opcheck():
 
 
 def _peak_bytes(fn):
-    """Peak bytes allocated by torch's CPU allocator during ``fn()``, above what was allocated before."""
+    """Peak bytes allocated by torch's CPU allocator during ``fn()``, above what was allocated before.
+
+    Blocks are matched by address: only what ``fn`` allocates counts, and its frees of them. A block
+    allocated earlier and freed late by whatever held it (a reference cycle, a cache of the last
+    call's arguments) may be freed inside the window; counted, it would lower the peak."""
+    import gc
+    import json
+    import tempfile
+
     from torch.profiler import ProfilerActivity, profile
 
+    gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    records = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    records = sorted((e["ts"], e["args"]["Ev Idx"], e["args"]["Addr"], e["args"]["Bytes"])
+                     for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0)
+    live = {}
     running = peak = 0
-    for _, nbytes in records:
+    for _, _, addr, nbytes in records:
+        if nbytes > 0:
+            live[addr] = nbytes
+        elif live.pop(addr, None) is None:
+            continue  # allocated before the window
         running += nbytes
         peak = max(peak, running)
     return peak
