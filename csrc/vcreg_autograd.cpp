@@ -74,37 +74,35 @@ bool nothing_intercepts() {
 }
 
 class EagerNode : public torch::autograd::Function<EagerNode> {
+  enum Saved { kTermsOut, kEnabled, kAlpha, kBeta, kEps, kGamma, kDelta, kDim, kPaper };
+
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const std::optional<at::Tensor>& terms_out,
                             const at::Tensor& enabled, double alpha, double beta, double eps, double gamma,
                             std::optional<double> delta, int64_t dim, bool paper) {
     ctx->save_for_backward({x});
-    // Not saved for backward: the copy into terms_out must not trip autograd's version check when
-    // the same layer ran twice before one backward (as _VCRegFunction's terms_out).
-    ctx->saved_data["terms_out"] = terms_out;
-    ctx->saved_data["enabled"] = enabled;
-    ctx->saved_data["alpha"] = alpha;
-    ctx->saved_data["beta"] = beta;
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["gamma"] = gamma;
-    ctx->saved_data["delta"] = delta;
-    ctx->saved_data["dim"] = dim;
-    ctx->saved_data["paper"] = paper;
+    // The rest as one tuple, in the order of Saved: one map entry rather than nine (0.6 us of the
+    // op's 4.8 with warm caches). terms_out is not saved for backward: the copy into it must not
+    // trip autograd's version check when the same layer ran twice before one backward (as
+    // _VCRegFunction's terms_out).
+    ctx->saved_data["args"] =
+        c10::ivalue::Tuple::create({terms_out, enabled, alpha, beta, eps, gamma, delta, dim, paper});
     return x.view_as(x);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor x = ctx->get_saved_variables()[0];
     const at::Tensor& grad_y = grads[0];
-    const auto& s = ctx->saved_data;
-    const double alpha = s.at("alpha").toDouble(), eps = s.at("eps").toDouble(), gamma = s.at("gamma").toDouble();
-    double beta = s.at("beta").toDouble();
-    const std::optional<double> delta = s.at("delta").toOptional<double>();
-    const int64_t dim = s.at("dim").toInt();
-    const bool paper = s.at("paper").toBool();
+    const auto& a = ctx->saved_data.at("args").toTupleRef().elements();
+    const c10::IValue& terms_out = a[kTermsOut];
+    const double alpha = a[kAlpha].toDouble(), eps = a[kEps].toDouble(), gamma = a[kGamma].toDouble();
+    double beta = a[kBeta].toDouble();
+    const std::optional<double> delta = a[kDelta].toOptional<double>();
+    const int64_t dim = a[kDim].toInt();
+    const bool paper = a[kPaper].toBool();
     at::Tensor grad_x, terms;
     const View v = canonical_view(x, dim);
-    if (*s.at("enabled").toTensor().const_data_ptr<bool>() && v.ok && plain(grad_y) && nothing_intercepts()) {
+    if (*a[kEnabled].toTensor().const_data_ptr<bool>() && v.ok && plain(grad_y) && nothing_intercepts()) {
       static const auto kernel = c10::Dispatcher::singleton()
                                      .findSchemaOrThrow("vcreg::backward_kernel", "")
                                      .typed<std::tuple<at::Tensor, at::Tensor>(
@@ -123,8 +121,7 @@ class EagerNode : public torch::autograd::Function<EagerNode> {
       grad_x = stack[0].toTensor();
       terms = stack[1].toTensor();
     }
-    const c10::IValue& out = s.at("terms_out");
-    if (!out.isNone()) out.toTensor().copy_(terms);
+    if (!terms_out.isNone()) terms_out.toTensor().copy_(terms);
     variable_list result(10);  // no gradient for the other nine arguments
     result[0] = grad_x;
     return result;
