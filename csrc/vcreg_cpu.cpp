@@ -1140,9 +1140,8 @@ VCREG_AVX512_TARGET void gram_dots_pass(const float* P, int64_t ld, int64_t k0, 
 // (out at element (i0, i0), as for the BLAS call it stands in for), float32, where gram_by_dots holds;
 // the entries left of the diagonal are not written. Blocks of 4 rows by 6 against 16 samples at a
 // time (24 accumulators, 10 loads for 24 FMAs), each entry's 16 lanes summed in one fixed order at
-// the end of a pass;
-// passes over kDotsPanelBytes of P at most (the rows' runs stay in L2 while every block reads
-// them), their sums added in order. Against MKL's products of the same panels (2-core Xeon,
+// the end of a pass; passes over kDotsPanelBytes of P at most (the rows' runs stay in L2 while
+// every block reads them), their sums added in order. Against MKL's products of the same panels (2-core Xeon,
 // stats_kernel): (4, 96, 3136), grouped, 0.75-0.84 ms against 1.0-1.04; (4, 192, 784), panel,
 // 0.76-0.82 against 0.87-0.88; (8, 96, 384) 0.26-0.29 against 0.42-0.45. At d = 384 they were even,
 // at 512 MKL's was faster.
